@@ -1,0 +1,1 @@
+"""CLI verb implementations, one module per area; each verb parses its own arguments."""

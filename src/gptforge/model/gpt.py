@@ -1,0 +1,257 @@
+"""The GPT-2 network, written from scratch: embeddings, attention, blocks, heads and a KV cache.
+
+Numerics follow transformers' GPT2 exactly (pre-LN, LayerNorm eps 1e-5, tanh-GELU, fused qkv), so
+weights convert both ways without loss (see `hf.py`). Parameter names are our own.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gptforge.model.config import GPTConfig
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: (batch, heads, max_len, head_dim) each."""
+
+    def __init__(
+        self, cfg: GPTConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32
+    ) -> None:
+        shape = (cfg.n_layers, batch_size, cfg.n_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.pos = 0  # number of positions filled
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.pos + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} > {self.max_len}")
+        self.k[layer, :, :, self.pos : end] = k
+        self.v[layer, :, :, self.pos : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep only the batch rows in `index` (e.g. drop finished sequences)."""
+        self.k = self.k[:, index]
+        self.v = self.v[:, index]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.head_dim
+        self.qkv = nn.Linear(cfg.emb_dim, 3 * cfg.emb_dim, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
+        self.dropout = cfg.dropout
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=mask is None and T > 1,
+        )
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_drop(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(cfg.emb_dim, cfg.hidden_dim)
+        self.proj = nn.Linear(cfg.hidden_dim, cfg.emb_dim)
+        self.approximate = "tanh" if cfg.activation == "gelu_new" else "none"
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.proj(F.gelu(self.fc(x), approximate=self.approximate)))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.emb_dim, eps=cfg.layer_norm_eps)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.emb_dim, eps=cfg.layer_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, mask=None, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), mask, cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """GPT-2. `forward` returns LM logits (B, T, V), or class logits (B, num_labels) for a classifier."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.emb_dim, eps=cfg.layer_norm_eps)
+        self.lm_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight  # one shared Parameter
+        self.score = nn.Linear(cfg.emb_dim, cfg.num_labels, bias=False) if cfg.num_labels else None
+        self.reset_parameters()
+
+    # -- construction -------------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        """GPT-2 init: N(0, 0.02); residual output projections scaled by 1/sqrt(2 * n_layers)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.proj.weight, mean=0.0, std=std)
+            nn.init.normal_(block.mlp.proj.weight, mean=0.0, std=std)
+
+    @property
+    def is_classifier(self) -> bool:
+        return self.score is not None
+
+    def add_classification_head(self, num_labels: int, id2label: dict[int, str] | None = None) -> None:
+        """Turn a language model into a classifier (the LM head stays, tied, unused)."""
+        cfg = self.cfg
+        cfg.num_labels = num_labels
+        cfg.id2label = id2label
+        cfg.validate()
+        p = self.tok_emb.weight
+        self.score = nn.Linear(cfg.emb_dim, num_labels, bias=False, device=p.device, dtype=p.dtype)
+        nn.init.normal_(self.score.weight, mean=0.0, std=0.02)
+
+    # -- sizes ---------------------------------------------------------------------------------
+    def num_parameters(self, count_tied_head: bool = False, trainable_only: bool = False) -> int:
+        """Unique parameters; with `count_tied_head` the tied LM head counts again (the book's 163M)."""
+        n = sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+        if count_tied_head and self.cfg.tie_embeddings:
+            n += self.lm_head.weight.numel()
+        return n
+
+    def memory_footprint(self, dtype: torch.dtype = torch.float32, optimizer: str = "adamw") -> dict:
+        """Bytes for weights, gradients and optimizer state (AdamW: two moments per trainable weight)."""
+        bytes_per = torch.empty((), dtype=dtype).element_size()
+        n = self.num_parameters()
+        n_train = self.num_parameters(trainable_only=True)
+        states = {"adamw": 2, "sgd": 0}.get(optimizer, 2)
+        out = {
+            "weights": n * bytes_per,
+            "gradients": n_train * bytes_per,
+            "optimizer": states * n_train * bytes_per,
+        }
+        out["total"] = sum(out.values())
+        return out
+
+    # -- forward -------------------------------------------------------------------------------
+    def _attention_mask(
+        self, attention_mask: torch.Tensor | None, T: int, past: int, device
+    ) -> torch.Tensor | None:
+        """Boolean (B, 1, T, past+T) mask, or None where `is_causal` alone is right.
+
+        Padded keys are hidden; each query may always see itself, so rows of padding stay finite.
+        """
+        if attention_mask is None and past == 0:
+            return None
+        S = past + T
+        if attention_mask is None:
+            attention_mask = torch.ones(1, S, dtype=torch.bool, device=device)
+        key_ok = attention_mask[:, None, None, :S].bool()
+        q_pos = torch.arange(past, S, device=device)[:, None]
+        k_pos = torch.arange(S, device=device)[None, :]
+        causal = k_pos <= q_pos
+        return (causal & key_ok) | (k_pos == q_pos)
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Final-LayerNorm hidden states (B, T, emb_dim)."""
+        B, T = input_ids.shape
+        past = cache.pos if cache is not None else 0
+        if past + T > self.cfg.context_length:
+            raise ValueError(
+                f"sequence of {past + T} tokens exceeds context_length={self.cfg.context_length}"
+            )
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=input_ids.device)[None, :]
+        x = self.drop(self.tok_emb(input_ids) + self.pos_emb(position_ids))
+        mask = self._attention_mask(attention_mask, T, past, input_ids.device)
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask, cache, i)
+        if cache is not None:
+            cache.pos += T
+        return self.ln_f(x)
+
+    def pool(self, h: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Hidden state of the last non-padding token (rightmost position whose mask is 1)."""
+        if attention_mask is None:
+            return h[:, -1]
+        T = attention_mask.shape[1]
+        last = T - 1 - attention_mask.flip(-1).to(torch.long).argmax(-1)
+        return h[torch.arange(h.shape[0], device=h.device), last]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        targets: torch.Tensor | None = None,
+        reduction: str = "mean",
+    ) -> torch.Tensor:
+        """Logits; with `targets` (already shifted; -100 ignored) the cross-entropy loss instead."""
+        h = self.hidden_states(input_ids, attention_mask, position_ids, cache)
+        if self.score is not None:
+            logits = self.score(self.pool(h, attention_mask))
+            if targets is None:
+                return logits
+            return F.cross_entropy(logits.float(), targets, reduction=reduction)
+        if targets is None:
+            return self.lm_head(h)
+        return lm_loss(h, self.lm_head.weight, targets, reduction=reduction)
+
+
+def lm_loss(
+    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
+    """Next-token cross-entropy of hidden states `h` against `targets` (-100 ignored)."""
+    logits = F.linear(h, weight)
+    return F.cross_entropy(
+        logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction=reduction
+    )

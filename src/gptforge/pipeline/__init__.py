@@ -1,0 +1,1 @@
+"""How work is driven: configs, the Accelerate trainer, evaluation, the stage runner."""
