@@ -29,10 +29,10 @@ def _seed():
 
 
 @pytest.fixture(scope="session")
-def shared_data_dir() -> Path | None:
-    """The local copies of the real data sets (../shared/data), when present; None otherwise."""
+def shared_data_dir() -> Path:
+    """The local copies of the real data sets ($GPTFORGE_DATA_DIR, else ../shared/data beside the repo)."""
     env = os.environ.get("GPTFORGE_DATA_DIR")
     for cand in ([Path(env)] if env else []) + [Path(__file__).resolve().parents[2] / "shared" / "data"]:
         if cand.is_dir():
             return cand
-    return None
+    pytest.fail("real data sets not found: set GPTFORGE_DATA_DIR to a copy of shared/data")
