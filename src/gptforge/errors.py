@@ -19,3 +19,7 @@ class DataError(GPTForgeError):
 
 class CheckpointError(GPTForgeError):
     """A checkpoint directory is missing, incomplete or inconsistent."""
+
+
+class TrainingError(GPTForgeError):
+    """Training cannot go on (a non-finite loss, a checkpoint that does not fit the run)."""
