@@ -98,13 +98,12 @@ def merge(argv: list[str]) -> int:
                 f"merged logits differ from the adapter's by {diff:.3g}; the adapter may be corrupt"
             )
         print(f"merged: logits match the unmerged model (max abs diff {diff:.2e})")
+        extra = {
+            f.name: json.loads(f.read_text(encoding="utf-8"))
+            for f in sorted(Path(args.adapter).glob("*.json"))
+            if f.name not in _OWN_FILES
+        }
         if args.out:
-            src = Path(args.adapter)
-            extra = {
-                f.name: json.loads(f.read_text(encoding="utf-8"))
-                for f in sorted(src.glob("*.json"))
-                if f.name not in _OWN_FILES
-            }
             save_checkpoint(model, args.out, metadata=extra)
             print(f"wrote merged checkpoint {args.out}")
         if args.hf_out:
@@ -112,6 +111,6 @@ def merge(argv: list[str]) -> int:
                 from gptforge.model.hf import export
             except ImportError:
                 raise ConfigError("Hugging Face export is not available in this build; use --out") from None
-            export(model, args.hf_out)
+            export(model, args.hf_out, prompt_style=extra.get("prompt_style.json"))
             print(f"wrote Hugging Face dir {args.hf_out}")
     return 0
