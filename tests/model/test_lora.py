@@ -17,6 +17,7 @@ from gptforge.model.checkpoint import load_checkpoint, save_checkpoint, state_di
 from gptforge.model.lora import (
     LoRAConfig,
     LoRALinear,
+    adapter_state_dict,
     apply_lora,
     count_parameters,
     describe_trainable,
@@ -24,6 +25,7 @@ from gptforge.model.lora import (
     load_adapter,
     lora_modules,
     merge_lora,
+    register_adapter_checkpointing,
     save_adapter,
     trainable_parameters,
     verify_peft,
@@ -277,6 +279,46 @@ def test_resume_from_adapter_checkpoint_matches_uninterrupted(tmp_path):
     resumed = load_adapter(tmp_path / "step2")
     part2 = train_steps(resumed, torch.optim.SGD(trainable_parameters(resumed), lr=0.5), 2, start=2)
     assert part1 + part2 == straight
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def accelerate_run(steps: int, start: int, save_to: Path | None = None, load_from: Path | None = None):
+    """Train a LoRA model with dropout through Accelerate; optionally save or restore its state."""
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=True)
+    register_adapter_checkpointing(acc)
+    torch.manual_seed(5)
+    model = apply_lora(tiny(dropout=0.1), LoRAConfig(r=4, alpha=8, dropout=0.1))
+    opt = torch.optim.AdamW(trainable_parameters(model), lr=1e-2, weight_decay=0.1)
+    model, opt = acc.prepare(model, opt)
+    if load_from is not None:
+        acc.load_state(str(load_from))  # adapter tensors, AdamW moments and the RNG (dropout) come back
+    losses = train_steps(model, opt, steps, start=start)
+    if save_to is not None:
+        acc.save_state(str(save_to))
+    return acc.unwrap_model(model), losses
+
+
+def test_accelerate_checkpoint_holds_only_adapter_and_resumes_exactly(tmp_path, fresh_accelerate_state):
+    _, straight = accelerate_run(4, 0)
+    first, part1 = accelerate_run(2, 0, save_to=tmp_path / "ckpt")
+    saved = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
+    assert set(saved) == set(adapter_state_dict(first))
+    assert all(k.endswith((".lora_A", ".lora_B")) for k in saved) and len(saved) == 4 * L * 2
+    resumed, part2 = accelerate_run(2, 2, load_from=tmp_path / "ckpt")
+    assert part1 + part2 == straight
+    assert len(set(straight)) == 4  # the steps really trained
 
 
 def test_mixed_precision_keeps_lora_in_fp32():

@@ -271,9 +271,7 @@ def adapter_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     if lora_config(model) is None:
         raise ConfigError("the model has no LoRA adapters; apply_lora first or save a full checkpoint")
     sd = model.state_dict()
-    keep = {k for k in sd if k.endswith((".lora_A", ".lora_B"))}
-    keep |= {k for k in sd if k.startswith("score.")}
-    return {k: sd[k].detach().contiguous() for k in sorted(keep)}
+    return {k: sd[k].detach().contiguous() for k in sorted(sd) if is_adapter_key(k)}
 
 
 def load_adapter_state(model: GPT, sd: dict[str, torch.Tensor], source: str = "adapter") -> None:
@@ -419,6 +417,56 @@ def load_adapter(
     apply_lora(model, lcfg)
     load_adapter_state(model, load_file(str(p / ADAPTER_WEIGHTS), device=str(device)), source=str(p))
     return model.eval()
+
+
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrap the model's parameter names
+
+
+def _strip_wrappers(key: str) -> str:
+    while key.startswith(_WRAPPER_PREFIXES):
+        key = key.split(".", 1)[1]
+    return key
+
+
+def is_adapter_key(key: str) -> bool:
+    """True for the tensors an adapter checkpoint keeps: lora_A/lora_B and the classification head."""
+    key = _strip_wrappers(key)
+    return key.endswith((".lora_A", ".lora_B")) or key.startswith("score.")
+
+
+def register_adapter_checkpointing(accelerator) -> None:
+    """Make `accelerator.save_state` / `load_state` keep only the adapter (and head) of LoRA models.
+
+    The frozen base is never written to resumable checkpoints; on load the adapter tensors go into the
+    model (which must already be base + `apply_lora`) strictly, and accelerate's own full-model load is
+    skipped for it. Optimizer, scheduler and RNG states are saved and restored by accelerate as usual.
+    """
+    from safetensors.torch import load_file
+
+    def save_hook(models: list, weights: list, output_dir: str) -> None:
+        for i, m in enumerate(models):
+            if lora_config(accelerator.unwrap_model(m)) is not None:
+                weights[i] = {k: v for k, v in weights[i].items() if is_adapter_key(k)}
+
+    def load_hook(models: list, input_dir: str) -> None:
+        for i in reversed(range(len(models))):
+            inner = accelerator.unwrap_model(models[i])
+            if lora_config(inner) is None:
+                continue
+            if i != len(models) - 1:
+                raise CheckpointError(
+                    "adapter checkpointing supports a LoRA model only as the last prepared model"
+                )
+            path = Path(input_dir) / f"model{f'_{i}' if i else ''}.safetensors"
+            if not path.is_file():
+                raise CheckpointError(f"{path}: adapter weights missing; the checkpoint is incomplete")
+            device = str(next(inner.parameters()).device)
+            sd = {_strip_wrappers(k): v for k, v in load_file(str(path), device=device).items()}
+            load_adapter_state(inner, sd, source=str(path))
+            models.pop(i)  # accelerate would load the file strictly into the full model: done here instead
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
 
 
 # -- PEFT export -------------------------------------------------------------------------------------
