@@ -1,0 +1,169 @@
+"""Speed helpers: which precision pays off on this machine, and a cross-entropy that never holds full logits.
+
+The GPT-2 head maps every token to 50,257 logits; at batch 8 x 256 tokens that is 411 MB of fp32 logits,
+another 411 MB for their softmax and another for the gradient. `fused_linear_cross_entropy` computes
+the loss and both gradients a slice of tokens at a time, so only one slice of logits exists at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+# Elements of one slice of logits (fp32): 2**23 is 32 MB, small enough to stay cheap, large enough
+# that the slice matmuls run at full speed.
+CHUNK_ELEMENTS = 1 << 23
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset[str]:
+    """CPU feature flags from /proc/cpuinfo (Linux x86); empty where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU multiplies bf16 in hardware (AVX512-BF16 or AMX), so bf16 autocast is faster.
+
+    Without those units oneDNN falls back to slow conversion paths: on an AVX2-only EPYC a bf16 matmul
+    ran over 10x slower than fp32, so bf16 must be a measured choice, never a default.
+    """
+    if not torch.backends.mkldnn.is_available():
+        return False
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    for name in probes:
+        fn = getattr(torch.cpu, name, None)
+        if fn is not None:
+            try:
+                if fn():
+                    return True
+            except RuntimeError:
+                pass
+    return platform.machine().lower() in ("x86_64", "amd64") and bool(
+        _cpu_flags() & {"amx_bf16", "avx512_bf16"}
+    )
+
+
+def best_precision(device: str | torch.device | None = None) -> str:
+    """Mixed precision that is fastest and safe on `device`: "bf16", "fp16" or "no" (Accelerate's names).
+
+    CUDA: bf16 where the GPU supports it (Ampere and newer), else fp16 (with loss scaling in Accelerate).
+    CPU: bf16 only with native bf16 matrix units; otherwise fp32. `$GPTFORGE_PRECISION` overrides.
+    """
+    forced = os.environ.get("GPTFORGE_PRECISION")
+    if forced:
+        return forced
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            return "no"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if dev.type == "cpu":
+        return "bf16" if cpu_has_native_bf16() else "no"
+    return "no"
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """torch dtype for an Accelerate precision name; None for "no"."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}[precision]
+
+
+def _chunk_rows(n_rows: int, vocab: int, chunk_elements: int) -> int:
+    return max(1, min(n_rows, chunk_elements // max(1, vocab)))
+
+
+class _FusedLinearCE(torch.autograd.Function):
+    """Loss of `h @ weight.T` against targets, with both gradients computed slice by slice in forward.
+
+    Computing the gradients during forward is what lets the logits of a slice be dropped at once;
+    backward only scales them by the incoming gradient (a scalar, since reduction is sum or mean).
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, reduction: str, chunk_elements: int):  # type: ignore[override]
+        n, d = h.shape
+        need_h = h.requires_grad
+        need_w = weight.requires_grad
+        valid = targets != IGNORE_INDEX
+        count = valid.sum()
+        scale = 1.0 / count.clamp(min=1).to(torch.float32) if reduction == "mean" else None
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        rows = _chunk_rows(n, weight.shape[0], chunk_elements)
+        for start in range(0, n, rows):
+            end = min(n, start + rows)
+            hc, tc, vc = h[start:end], targets[start:end], valid[start:end]
+            logits = F.linear(hc, weight).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            safe_t = tc.clamp(min=0)
+            picked = logits.gather(1, safe_t[:, None]).squeeze(1)
+            loss += torch.where(vc, lse - picked, 0.0).sum()
+            # softmax - onehot, in place over the logits buffer; rows with ignored targets get 0.
+            g = logits.sub_(lse[:, None]).exp_()
+            g.scatter_add_(1, safe_t[:, None], torch.full_like(picked[:, None], -1.0))
+            g.mul_(vc[:, None])
+            if scale is not None:
+                g.mul_(scale)
+            g = g.to(weight.dtype) if weight.dtype != torch.float32 else g
+            if need_h:
+                grad_h[start:end] = (g @ weight.to(g.dtype)).to(h.dtype)
+            if need_w:
+                grad_w.addmm_(g.t().to(torch.float32), hc.to(torch.float32))
+        if reduction == "mean":
+            loss = loss / count.to(torch.float32)  # nan when every target is ignored, like F.cross_entropy
+        ctx.save_for_backward(grad_h if need_h else torch.empty(0), grad_w if need_w else torch.empty(0))
+        ctx.need = (need_h, need_w, weight.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        grad_h, grad_w = ctx.saved_tensors
+        need_h, need_w, w_dtype = ctx.need
+        gh = grad_h * grad_out.to(grad_h.dtype) if need_h else None
+        gw = (grad_w * grad_out).to(w_dtype) if need_w else None
+        return gh, gw, None, None, None
+
+
+def fused_linear_cross_entropy(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    reduction: str = "mean",
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """Cross-entropy of logits `h @ weight.T` (fp32 softmax; -100 ignored) without materialising them all.
+
+    Same value and gradients as `F.cross_entropy(F.linear(h, weight).float(), targets)` up to fp32 rounding.
+    `reduction="none"` needs every per-token loss and falls back to that plain form.
+    """
+    h2 = h.reshape(-1, h.shape[-1])
+    t2 = targets.reshape(-1)
+    if reduction not in ("mean", "sum"):
+        logits = F.linear(h2, weight).float()
+        return F.cross_entropy(logits, t2, ignore_index=IGNORE_INDEX, reduction=reduction)
+    if torch.is_grad_enabled() and (h2.requires_grad or weight.requires_grad):
+        return _FusedLinearCE.apply(h2, weight, t2, reduction, chunk_elements)
+    with torch.no_grad():
+        rows = _chunk_rows(h2.shape[0], weight.shape[0], chunk_elements)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, h2.shape[0], rows):
+            logits = F.linear(h2[start : start + rows], weight).float()
+            total += F.cross_entropy(
+                logits, t2[start : start + rows], ignore_index=IGNORE_INDEX, reduction="sum"
+            )
+        if reduction == "mean":
+            total = total / (t2 != IGNORE_INDEX).sum().to(torch.float32)
+        return total
