@@ -385,6 +385,8 @@ def load_any(
                     builder, data_files=str(p), cache_dir=str(cache_dir) if cache_dir else None, **kwargs
                 )
             except Exception as e:  # pandas/arrow errors become one line naming the file
+                if "corresponds to no data" in _root_cause(e):
+                    raise DataError(f"{p}: no rows; the data set is empty") from None
                 raise DataError(
                     f"{p}: cannot read as {kind.upper()}: {_root_cause(e)}; fix that row"
                 ) from None
@@ -415,3 +417,10 @@ class _quiet_datasets:
         import datasets
 
         datasets.logging.set_verbosity(self._level)
+
+
+def column_values(ds, name: str) -> list:
+    """One column as a list in one Arrow read (datasets 5's `ds[name]` is a lazy, row-by-row Column)."""
+    if len(ds) == 0:
+        return []
+    return ds.select_columns([name])[:][name]
