@@ -1,0 +1,271 @@
+"""Instruction data: prompt styles, the reference file order split, tokenization and the masking collate.
+
+A prompt style is saved beside every instruction model (prompt_style.json), so generation formats
+prompts exactly as training did.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from gptforge.errors import DataError
+from gptforge.model.tokenizer import EOT, EOT_ID
+from gptforge.tasks.sources import column_values, read_json_records, resolve
+
+log = logging.getLogger(__name__)
+
+FIELDS = ("instruction", "input", "output")
+
+
+def _field(record: Mapping[str, Any], key: str) -> str:
+    value = record.get(key)
+    return "" if value is None else str(value)
+
+
+@dataclass(frozen=True)
+class PromptStyle:
+    """How a record becomes text: `format_prompt` (up to and including the response header) + response."""
+
+    name: str
+    _prompt: Callable[[Mapping[str, Any]], str] = field(repr=False, compare=False)
+    template: str = ""  # a readable description, saved in prompt_style.json
+    stop_strings: list[str] = field(default_factory=list)
+
+    def format_prompt(self, record: Mapping[str, Any]) -> str:
+        return self._prompt(record)
+
+    def format_response(self, output: str) -> str:
+        return output
+
+    def format_example(self, record: Mapping[str, Any]) -> str:
+        return self.format_prompt(record) + self.format_response(_field(record, "output"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "template": self.template, "stop_strings": list(self.stop_strings)}
+
+
+ALPACA_PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+
+
+def _alpaca(record: Mapping[str, Any]) -> str:
+    text = f"{ALPACA_PREAMBLE}\n\n### Instruction:\n{_field(record, 'instruction')}"
+    if _field(record, "input"):
+        text += f"\n\n### Input:\n{_field(record, 'input')}"
+    return text + "\n\n### Response:\n"
+
+
+def _phi3(record: Mapping[str, Any]) -> str:
+    # The reference's exercise 7.1 form: "<|user|>\n{instruction}[\n{input}]\n<|assistant|>:\n".
+    text = f"<|user|>\n{_field(record, 'instruction')}"
+    if _field(record, "input"):
+        text += f"\n{_field(record, 'input')}"
+    return text + "\n<|assistant|>:\n"
+
+
+PROMPT_STYLES: dict[str, PromptStyle] = {
+    s.name: s
+    for s in [
+        PromptStyle(
+            "alpaca",
+            _alpaca,
+            template=ALPACA_PREAMBLE + "\n\n### Instruction:\n{instruction}[\n\n### Input:\n{input}]"
+            "\n\n### Response:\n{output}",
+            stop_strings=["\n\n### Instruction:", "\n\n### Input:", "\n\n### Response:", EOT],
+        ),
+        PromptStyle(
+            "phi3",
+            _phi3,
+            template="<|user|>\n{instruction}[\n{input}]\n<|assistant|>:\n{output}",
+            stop_strings=["<|user|>", "<|assistant|>", "<|end|>", EOT],
+        ),
+    ]
+}
+
+
+def get_prompt_style(name: str | Mapping[str, Any] | PromptStyle) -> PromptStyle:
+    """A style by name, by its saved dict (prompt_style.json) or as given."""
+    if isinstance(name, PromptStyle):
+        return name
+    if isinstance(name, Mapping):
+        name = name.get("name", "")
+    if name not in PROMPT_STYLES:
+        raise DataError(f"unknown prompt style {name!r}; use one of: {', '.join(PROMPT_STYLES)}")
+    return PROMPT_STYLES[name]
+
+
+def load_instruction_data(
+    path: str | os.PathLike | None = None,
+    columns: Mapping[str, str] | None = None,
+    fractions: Sequence[float] = (0.85, 0.1),
+    shuffle: bool = False,
+    seed: int = 123,
+):
+    """Instruction records (JSON or JSONL) as train/validation/test.
+
+    As the reference: file order, the first 85% train, the next 10% test, the rest validation
+    (1,100 records -> train 935, test 110, validation 55). `columns` maps the file's names to instruction/input/output; a missing
+    `input` is "". Extra fields (e.g. chosen/rejected) are kept.
+    """
+    from datasets import Dataset, DatasetDict
+
+    file = resolve("instruction", path) if path is None else path
+    records = read_json_records(file)
+    rename = dict(columns or {})
+    unknown = [v for v in rename.values() if v not in FIELDS]
+    if unknown:
+        raise DataError(f"columns={rename}: targets must be among {FIELDS}, not {unknown}")
+    rows = []
+    for i, rec in enumerate(records):
+        row = {rename.get(k, k): v for k, v in rec.items()}
+        for key in ("instruction", "output"):
+            src = next((k for k, v in rename.items() if v == key), key)
+            if key not in row or row[key] is None:
+                raise DataError(f"{file}: record {i} has no field {src!r}; add it or map it with columns=")
+            if not isinstance(row[key], str) or not row[key].strip():
+                raise DataError(f"{file}: record {i} field {src!r} must be a non-empty string")
+        inp = row.get("input")
+        if inp is not None and not isinstance(inp, str):
+            raise DataError(f"{file}: record {i} field 'input' must be a string (or absent)")
+        row["input"] = inp or ""
+        rows.append(row)
+    tr, te = float(fractions[0]), float(fractions[1])
+    if len(fractions) != 2 or tr <= 0 or te < 0 or tr + te > 1:
+        raise DataError(f"fractions={tuple(fractions)}: need (train, test) > 0 with train + test <= 1")
+    keys = list(FIELDS) + [k for k in rows[0] if k not in FIELDS]
+    ds = Dataset.from_dict({k: [r.get(k) for r in rows] for k in keys})
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    n_train, n_test = int(len(ds) * tr), int(len(ds) * te)
+
+    def rows(start: int, stop: int):
+        return ds.select(range(start, stop)) if stop > start else ds.select([])
+
+    parts = {
+        "train": rows(0, n_train),
+        "validation": rows(n_train + n_test, len(ds)),
+        "test": rows(n_train, n_train + n_test),
+    }
+    if len(parts["train"]) == 0:
+        raise DataError(f"{file}: {len(ds)} records give an empty train split; add records")
+    log.info("%s: %s records", file, {k: len(v) for k, v in parts.items()})
+    return DatasetDict(parts)
+
+
+def tokenize_instruction(
+    dsd, style: str | PromptStyle, max_length: int | None = None, return_truncated: bool = False
+):
+    """Add `input_ids` (prompt + response tokens) and `prompt_length` to every split.
+
+    Prompt and response are encoded separately and joined, so `prompt_length` is exact and generation
+    (which encodes only the prompt) sees the same tokens as training. Examples longer than `max_length`
+    keep their first `max_length` tokens; their count is logged (and returned with `return_truncated`).
+    """
+    from datasets import DatasetDict, Sequence, Value
+
+    from gptforge.model.tokenizer import Tokenizer
+    from gptforge.tasks.classify import _fingerprint
+
+    style = get_prompt_style(style)
+    if max_length is not None and max_length < 1:
+        raise DataError(f"max_length={max_length}: must be a positive number of tokens or None")
+    tok = Tokenizer()
+
+    def encode(batch):
+        records = [dict(zip(batch, vals)) for vals in zip(*batch.values())]
+        prompts = tok.encode_batch([style.format_prompt(r) for r in records])
+        responses = tok.encode_batch([style.format_response(_field(r, "output")) for r in records])
+        ids = [p + r for p, r in zip(prompts, responses)]
+        cut = [max_length is not None and len(x) > max_length for x in ids]
+        if max_length is not None:
+            ids = [x[:max_length] for x in ids]
+        return {
+            "input_ids": ids,
+            "prompt_length": [min(len(p), len(x)) for p, x in zip(prompts, ids)],
+            "_cut": cut,
+        }
+
+    out, counts = {}, {}
+    for split, ds in dsd.items():
+        feats = ds.features.copy()
+        feats["input_ids"] = Sequence(Value("int32"))
+        feats["prompt_length"] = Value("int32")
+        feats["_cut"] = Value("bool")
+        mapped = ds.map(
+            encode,
+            batched=True,
+            features=feats,
+            new_fingerprint=_fingerprint(ds, "instruct-tokens-v1", style.to_dict(), max_length, tok),
+            desc=f"tokenize {split}",
+        )
+        counts[split] = int(sum(column_values(mapped, "_cut")))
+        out[split] = mapped.remove_columns("_cut")
+        if counts[split]:
+            no_response = sum(
+                int(p >= len(x))
+                for p, x in zip(
+                    column_values(out[split], "prompt_length"), column_values(out[split], "input_ids")
+                )
+            )
+            log.warning(
+                "%s: %d of %d examples longer than max_length=%d tokens were truncated (%d lost their whole response)",
+                split,
+                counts[split],
+                len(ds),
+                max_length,
+                no_response,
+            )
+    dsd = DatasetDict(out)
+    return (dsd, counts) if return_truncated else dsd
+
+
+class InstructionCollator:
+    """The reference `custom_collate_fn`, batched as a dict.
+
+    Each example gets one <|endoftext|>; the batch is padded with `pad_token_id` to its longest + 1;
+    inputs are all but the last token and targets the inputs shifted by one; in targets every padding
+    token after the first is `ignore_index`, so the model learns to end with exactly one <|endoftext|>.
+    `mask_prompt` also ignores targets inside the prompt (targets[:prompt_length - 1]), so only the
+    response is learned. `allowed_max_length` truncates last, as the reference does.
+    """
+
+    def __init__(
+        self,
+        pad_token_id: int = EOT_ID,
+        ignore_index: int = -100,
+        allowed_max_length: int | None = None,
+        mask_prompt: bool = False,
+    ) -> None:
+        self.pad_token_id, self.ignore_index = pad_token_id, ignore_index
+        self.allowed_max_length, self.mask_prompt = allowed_max_length, mask_prompt
+
+    def __call__(self, items: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        seqs = [_as_list(it["input_ids"]) for it in items]
+        width = max(len(s) for s in seqs) + 1
+        inputs, targets = [], []
+        for it, s in zip(items, seqs):
+            padded = torch.full((width,), self.pad_token_id, dtype=torch.long)
+            padded[: len(s)] = torch.as_tensor(s, dtype=torch.long)
+            x, y = padded[:-1], padded[1:].clone()
+            # The first pad in targets (position len(s) - 1) is the real <|endoftext|>; the rest are ignored.
+            y[len(s) :] = self.ignore_index
+            if self.mask_prompt:
+                if "prompt_length" not in it:
+                    raise DataError(
+                        "mask_prompt=True needs `prompt_length`; tokenize with tokenize_instruction"
+                    )
+                y[: max(int(it["prompt_length"]) - 1, 0)] = self.ignore_index
+            if self.allowed_max_length is not None:
+                x, y = x[: self.allowed_max_length], y[: self.allowed_max_length]
+            inputs.append(x)
+            targets.append(y)
+        return {"input_ids": torch.stack(inputs), "targets": torch.stack(targets)}
+
+
+def _as_list(x) -> list[int]:
+    return x.tolist() if isinstance(x, torch.Tensor) else list(x)
