@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("gptforge.commands.evaluate:evaluate", "evaluate a checkpoint or score a responses file"),
     "classify": ("gptforge.commands.evaluate:classify", "label new texts with a classifier checkpoint"),
     "merge": ("gptforge.commands.lora:merge", "fold a LoRA adapter into its base, or export it for PEFT"),
+    "pretrain": ("gptforge.commands.train:pretrain", "train a language model on text (scratch or checkpoint)"),
+    "finetune": ("gptforge.commands.train:finetune", "finetune: `finetune classify` or `finetune instruct`"),
 }
 
 

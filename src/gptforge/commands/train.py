@@ -1,0 +1,61 @@
+"""`gptforge pretrain` and `gptforge finetune classify|instruct`: parse the config, train, report."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import sys
+
+from gptforge.errors import ConfigError
+
+FINETUNE_TASKS = {
+    "classify": "a classification head (SMS spam or your labelled file)",
+    "instruct": "instruction tuning (Alpaca-style records)",
+}
+
+
+def _run(task: str, argv: list[str], prog: str) -> int:
+    from gptforge.pipeline.config import build_parser, dump_config, parse_config
+
+    if any(a in ("-h", "--help") for a in argv):
+        build_parser(task, prog=prog).print_help()
+        return 0
+    cfg, show = parse_config(task, argv)
+    if show:
+        print(dump_config(cfg), end="")
+        return 0
+    from gptforge.pipeline.train import train
+
+    result = train(task, cfg)
+    metrics = result.metrics
+    if metrics.get("status") == "interrupted":
+        print(f"interrupted at step {metrics['step']}; resumable checkpoint: {result.checkpoint}")
+        return 0
+    print(f"model: {result.checkpoint}")
+    shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}
+    print(json.dumps(shown))
+    return 0
+
+
+def pretrain(argv: list[str]) -> int:
+    """`gptforge pretrain [--config FILE.yaml] [--train.lr 1e-4 ...]`."""
+    return _run("pretrain", argv, "gptforge pretrain")
+
+
+def finetune(argv: list[str]) -> int:
+    """`gptforge finetune classify|instruct [--config FILE.yaml] [overrides]`."""
+    if not argv or argv[0] in ("-h", "--help"):
+        lines = [
+            "usage: gptforge finetune TASK [--config FILE.yaml] [--section.field VALUE ...]",
+            "",
+            "tasks:",
+        ]
+        lines += [f"  {k:<9} {v}" for k, v in FINETUNE_TASKS.items()]
+        print("\n".join(lines), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    task = argv[0]
+    if task not in FINETUNE_TASKS:
+        close = difflib.get_close_matches(task, FINETUNE_TASKS, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"use {' or '.join(FINETUNE_TASKS)}"
+        raise ConfigError(f"unknown finetune task {task!r}; {hint}")
+    return _run(task, argv[1:], f"gptforge finetune {task}")

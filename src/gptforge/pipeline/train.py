@@ -1,0 +1,229 @@
+"""Task glue: build the model, the data and the collate for each task, then hand them to the Trainer.
+
+`run_pretrain(cfg)`, `run_classify(cfg)`, `run_instruct(cfg)` (or `train(task, cfg)`) are what the CLI
+and the pipeline runner call; each returns `RunResult(checkpoint, metrics)`: the final gptforge
+checkpoint dir (or, when stopped by a signal, the resumable checkpoint) and the final metrics.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from gptforge.errors import ConfigError
+from gptforge.model.checkpoint import is_checkpoint, load_checkpoint
+from gptforge.model.config import GPTConfig
+from gptforge.model.gpt import GPT
+from gptforge.pipeline.config import (
+    ClassifyConfig,
+    InstructConfig,
+    ModelConfig,
+    PretrainConfig,
+    parse_trainable,
+    to_dict,
+    validate,
+)
+from gptforge.pipeline.trainer import RunResult, Trainer
+
+SIZE_FIELDS = ("context_length", "emb_dim", "n_layers", "n_heads", "dropout")
+
+
+def build_model(mcfg: ModelConfig) -> GPT:
+    """A fresh GPT (`init: scratch`), a gptforge checkpoint, or a converted Hugging Face GPT-2."""
+    overrides = {k: getattr(mcfg, k) for k in SIZE_FIELDS if getattr(mcfg, k) is not None}
+    if mcfg.init == "scratch":
+        return GPT(GPTConfig.from_preset(mcfg.preset, **overrides)).train()
+    if overrides:
+        raise ConfigError(
+            f"model.{next(iter(overrides))} applies to model.init=scratch only; "
+            f"{mcfg.init} brings its own sizes (remove the override)"
+        )
+    p = Path(mcfg.init).expanduser()
+    if is_checkpoint(p):
+        model = load_checkpoint(p)
+    else:
+        from gptforge.model.hf import from_hf
+
+        model = from_hf(mcfg.init)
+    return model.train()
+
+
+def _check_context(name: str, length: int, model: GPT) -> int:
+    if length > model.cfg.context_length:
+        raise ConfigError(
+            f"{name}={length} exceeds the model's context_length={model.cfg.context_length}; lower it"
+        )
+    return length
+
+
+def _limit(dsd, n: int | None):
+    """The first `n` examples of every split (quick runs and tests)."""
+    from datasets import DatasetDict
+
+    if n is None:
+        return dsd
+    return DatasetDict({k: v.select(range(min(n, len(v)))) for k, v in dsd.items()})
+
+
+def _run_config(task: str, cfg: Any, model: GPT) -> dict:
+    return {"task": task, **to_dict(cfg), "model_config": model.cfg.to_dict()}
+
+
+# -- pretraining ------------------------------------------------------------------------------------
+
+
+def run_pretrain(cfg: PretrainConfig) -> RunResult:
+    """Next-token training on packed text; reports validation loss and perplexity."""
+    from gptforge.tasks.pretrain import PretrainCollator, load_corpus
+
+    validate(cfg)
+    trainer = Trainer(cfg.train, kind="lm")
+    model = build_model(cfg.model)
+    if model.is_classifier:
+        raise ConfigError(f"model.init={cfg.model.init} is a classifier; pretraining needs a language model")
+    d = cfg.data
+    ctx = _check_context("data.context_length", d.context_length or model.cfg.context_length, model)
+    with trainer.main_process_first():
+        dsd = load_corpus(d.sources, context_length=ctx, stride=d.stride, val_fraction=d.val_fraction)
+    return trainer.fit(
+        model,
+        dsd["train"],
+        PretrainCollator(),
+        dsd["validation"] if "validation" in dsd else None,
+        run_config=_run_config("pretrain", cfg, model),
+    )
+
+
+# -- classification ---------------------------------------------------------------------------------
+
+
+def set_trainable(model: GPT, policy: str) -> int:
+    """Freeze by policy; returns the number of trainable parameters.
+
+    `all`: everything; `head`: the classification head only; `last_blocks:N`: the last N blocks, the
+    final LayerNorm and the head (the reference recipe is last_blocks:1).
+    """
+    kind, n = parse_trainable(policy)
+    if kind == "last_blocks" and n > len(model.blocks):
+        raise ConfigError(f"trainable={policy}: the model has only {len(model.blocks)} blocks")
+    for p in model.parameters():
+        p.requires_grad = kind == "all"
+    if kind != "all":
+        trainable = [model.score]
+        if kind == "last_blocks":
+            trainable += [*model.blocks[len(model.blocks) - n :], model.ln_f]
+        for module in trainable:
+            for p in module.parameters():
+                p.requires_grad = True
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def load_classification(cfg: ClassifyConfig):
+    """(DatasetDict with text/label, label names) for the configured data set."""
+    from gptforge.tasks import classify
+
+    d = cfg.data
+    if d.dataset == "sms_spam":
+        dsd = classify.load_sms_spam(split=d.split, seed=cfg.train.seed)
+        names = list(dsd["train"].features["label"].names)
+    else:
+        dsd, names = classify.load_classification_data(
+            d.dataset, text_column=d.text_column, label_column=d.label_column, seed=cfg.train.seed
+        )
+    return _limit(dsd, d.limit), names
+
+
+def run_classify(cfg: ClassifyConfig) -> RunResult:
+    """Add a classification head and finetune by the `trainable` policy; reports train/val/test accuracy."""
+    from gptforge.tasks.classify import ClassificationCollator, longest_length, tokenize_classification
+
+    validate(cfg)
+    trainer = Trainer(cfg.train, kind="classify")
+    model = build_model(cfg.model)
+    with trainer.main_process_first():
+        dsd, names = load_classification(cfg)
+        limit = cfg.data.max_length or model.cfg.context_length
+        _check_context("data.max_length", limit, model)
+        tok = tokenize_classification(dsd, max_length=limit)
+        tok = tok.select_columns(["input_ids", "label"])
+    # The reference truncates every split to the longest training example.
+    max_len = cfg.data.max_length or longest_length(tok["train"])
+    id2label = dict(enumerate(names))
+    if not (model.is_classifier and model.cfg.id2label == id2label):
+        model.add_classification_head(len(names), id2label)
+    n_train = set_trainable(model, cfg.trainable)
+    collate = ClassificationCollator(pad_token_id=model.cfg.pad_token_id, max_length=max_len)
+    run_config = _run_config("classify", cfg, model)
+    run_config.update(labels=names, max_length=max_len, trainable_parameters=n_train)
+    return trainer.fit(
+        model,
+        tok["train"],
+        collate,
+        tok["validation"],
+        final_eval={"train": tok["train"], "test": tok["test"]},
+        run_config=run_config,
+    )
+
+
+# -- instruction tuning -----------------------------------------------------------------------------
+
+
+def run_instruct(cfg: InstructConfig) -> RunResult:
+    """Causal LM on prompts formatted by a prompt style; saves prompt_style.json beside the model."""
+    from gptforge.tasks.instruct import (
+        InstructionCollator,
+        get_prompt_style,
+        load_instruction_data,
+        tokenize_instruction,
+    )
+
+    validate(cfg)
+    d = cfg.data
+    style = get_prompt_style(d.prompt_style)
+    trainer = Trainer(cfg.train, kind="lm")
+    model = build_model(cfg.model)
+    if model.is_classifier:
+        raise ConfigError(
+            f"model.init={cfg.model.init} is a classifier; instruction tuning needs a language model"
+        )
+    max_len = _check_context("data.max_length", d.max_length or model.cfg.context_length, model)
+    columns = {
+        src: dst
+        for src, dst in (
+            (d.instruction_column, "instruction"),
+            (d.input_column, "input"),
+            (d.output_column, "output"),
+        )
+        if src != dst
+    }
+    with trainer.main_process_first():
+        path = None if d.dataset == "instruction" else d.dataset
+        dsd = _limit(load_instruction_data(path, columns=columns or None, seed=cfg.train.seed), d.limit)
+        tok = tokenize_instruction(dsd, style, max_length=max_len)
+        tok = tok.select_columns(["input_ids", "prompt_length"])
+    collate = InstructionCollator(
+        pad_token_id=model.cfg.eos_token_id,
+        ignore_index=-100,
+        allowed_max_length=max_len,
+        mask_prompt=d.mask_prompt,
+    )
+    return trainer.fit(
+        model,
+        tok["train"],
+        collate,
+        tok["validation"] if len(tok["validation"]) else None,
+        final_eval={"test": tok["test"]} if len(tok["test"]) else None,
+        run_config=_run_config("instruct", cfg, model),
+        metadata={"prompt_style.json": style.to_dict()},
+    )
+
+
+TASKS = {"pretrain": run_pretrain, "classify": run_classify, "instruct": run_instruct}
+
+
+def train(task: str, cfg: Any) -> RunResult:
+    """Run one task by name (the pipeline runner's entry point)."""
+    if task not in TASKS:
+        raise ConfigError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
+    return TASKS[task](copy.deepcopy(cfg))

@@ -1,0 +1,760 @@
+"""The one training loop, on `accelerate.Accelerator`, shared by pretraining, classification and instructions.
+
+Why it is written the way it is:
+- Gradient accumulation is done by hand so the loss is normalised exactly: every micro-batch contributes
+  its *summed* token loss, divided by the number of target tokens of the whole accumulation window across
+  all processes (one all-reduce before the window). So 4 x 2 equals 8 x 1 and 2 processes equal 1, even
+  with uneven padding. Non-final micro-batches run under `no_sync`.
+- The scheduler is stepped once per optimizer step (`step_scheduler_with_optimizer=False`), never
+  `num_processes` times.
+- Exact resume: a seedable sampler (seed + epoch) fixes the data order, `save_state` stores model,
+  optimizer, scheduler and RNG, `trainer_state.json` stores where in the epoch we were, and
+  `skip_first_batches` replays the rest of the epoch. The data loaders get their own generator so that
+  creating an iterator never consumes the global RNG (which drives dropout).
+- Checkpoints are written to a temporary directory and renamed into place: a killed run never leaves a
+  half-written checkpoint that `--resume auto` would pick.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gptforge.errors import ConfigError, TrainingError
+from gptforge.model.checkpoint import atomic_dir, save_checkpoint, write_json
+from gptforge.model.gpt import GPT
+from gptforge.pipeline.config import TrainConfig
+
+CHECKPOINTS = "checkpoints"
+FINAL = "final"
+METRICS = "metrics.jsonl"
+STATE = "trainer_state.json"
+LOSS_PNG = "loss.png"
+_STEP_DIR = re.compile(r"step-(\d+)")
+
+
+class RunResult(NamedTuple):
+    """What a task function returns: the output checkpoint dir and the final metrics."""
+
+    checkpoint: Path
+    metrics: dict
+
+
+@dataclass
+class TrainState:
+    """Where the run is; saved as trainer_state.json in every resumable checkpoint."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # current epoch (0-based)
+    batches_in_epoch: int = 0  # micro-batches of the current epoch consumed (per process)
+    tokens_seen: int = 0  # input tokens over all processes
+    metrics_lines: int = 0  # lines of metrics.jsonl written so far (resume truncates to this)
+    last_val_loss: float | None = None
+    last_val_step: int | None = None
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    scores: dict[str, float | None] = field(default_factory=dict)  # checkpoint name -> val_loss
+    # what the run was made with; a resume with other values could not replay the same batches
+    batch_size: int = 0
+    grad_accum: int = 0
+    num_processes: int = 0
+    seed: int = 0
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay only Linear weights; biases, LayerNorms and embeddings (incl. tied head) never."""
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    seen: set[int] = set()
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            is_matrix = isinstance(module, nn.Linear) and name == "weight"
+            (decay if is_matrix and weight_decay > 0 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float):
+    """LR multiplier of optimizer step s (0-based): linear warmup, then cosine / linear / constant."""
+
+    def f(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (s - warmup) / max(1, total - warmup))
+        if schedule == "linear":
+            return 1.0 - (1.0 - min_ratio) * progress
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
+    """Complete resumable checkpoints of a run, oldest first (temporary dirs are never listed)."""
+    root = Path(out_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [
+        (int(m.group(1)), p)
+        for p in root.iterdir()
+        if (m := _STEP_DIR.fullmatch(p.name)) and (p / STATE).is_file()
+    ]
+    return [p for _, p in sorted(found)]
+
+
+def find_resume_checkpoint(resume: str | None, out_dir: str | os.PathLike) -> Path | None:
+    """`auto` -> the latest checkpoint of `out_dir` (None if there is none); a path -> that checkpoint."""
+    if not resume:
+        return None
+    if resume == "auto":
+        found = list_checkpoints(out_dir)
+        return found[-1] if found else None
+    p = Path(resume)
+    if not (p / STATE).is_file():
+        raise ConfigError(
+            f"train.resume={resume}: not a resumable checkpoint (no {STATE}); "
+            f"use `auto` or a dir under {Path(out_dir) / CHECKPOINTS}"
+        )
+    return p
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0]}
+    for name in ("gptforge", "torch", "accelerate", "transformers", "datasets", "tiktoken", "safetensors"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def git_commit() -> str | None:
+    """The commit of the gptforge source tree, when it is a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def plot_losses(records: list[dict], path: Path) -> None:
+    """Training and validation loss against optimizer steps (matplotlib, Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r and isinstance(r["loss"], float)]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r and not r.get("final")]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        ax.plot(*zip(*train), label="training loss")
+    if val:
+        ax.plot(*zip(*val), marker="o", linestyle="-.", label="validation loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    p = Path(path)
+    if not p.is_file():
+        return []
+    return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+class _TiedHeadNote(logging.Filter):
+    """Accelerate warns that it stored the tied LM head once; that is exactly what we want."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor {'lm_head.weight'}" not in record.getMessage()
+
+
+def make_accelerator(cfg: TrainConfig):
+    """One Accelerator per run; in a single process a previous run's Accelerate state is reset first."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import DataLoaderConfiguration
+
+    cpu = cfg.cpu or not torch.cuda.is_available()
+    if cfg.mixed_precision == "fp16" and cpu:
+        raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU (loss scaling); on CPU use bf16 or no")
+    if cfg.mixed_precision == "bf16" and not cpu and not torch.cuda.is_bf16_supported():
+        raise ConfigError("train.mixed_precision=bf16: this GPU has no bf16 support; use fp16 or no")
+    available = {str(t) for t in get_available_trackers()}
+    for t in cfg.trackers:
+        if t not in available:
+            raise ConfigError(
+                f"train.trackers: {t!r} is not installed (available: {sorted(available) or 'none'}); "
+                f"`pip install {t}` or remove it"
+            )
+    note = logging.getLogger("accelerate.utils.other")
+    if not any(isinstance(f, _TiedHeadNote) for f in note.filters):
+        note.addFilter(_TiedHeadNote())
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        # Several runs in one process (the pipeline runner): each gets a fresh Accelerate state.
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    acc = Accelerator(
+        cpu=cpu,
+        mixed_precision=None if cfg.mixed_precision == "no" else cfg.mixed_precision,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+        step_scheduler_with_optimizer=False,
+        log_with=list(cfg.trackers) or None,
+        project_dir=cfg.out_dir,
+        dynamo_backend="inductor" if cfg.compile else None,
+    )
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type == DistributedType.DEEPSPEED and cfg.grad_accum > 1:
+        raise ConfigError(
+            "train.grad_accum > 1 is not supported under DeepSpeed (it steps on every backward); "
+            "set gradient_accumulation_steps in the DeepSpeed config instead and keep train.grad_accum=1"
+        )
+    return acc
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{key}."))
+        elif isinstance(v, (int, float, str, bool)):
+            out[key] = v
+        else:
+            out[key] = str(v)
+    return out
+
+
+# -- the trainer ------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Trains a GPT on map-style datasets whose collated batches hold `input_ids` and `targets`.
+
+    `kind="lm"`: `targets` are next-token ids (B, T) with -100 ignored; `kind="classify"`: class ids (B,)
+    and an `attention_mask`. Create the Trainer first (it seeds everything and owns the Accelerator),
+    prepare data inside `trainer.main_process_first()`, build the model, then call `fit`.
+    """
+
+    def __init__(self, cfg: TrainConfig, kind: str = "lm") -> None:
+        from accelerate.utils import set_seed
+
+        if kind not in ("lm", "classify"):
+            raise ValueError(f"kind must be 'lm' or 'classify', not {kind!r}")
+        cfg.validate()
+        self.cfg = cfg
+        self.kind = kind
+        self.out_dir = Path(cfg.out_dir)
+        self.accelerator = make_accelerator(cfg)
+        set_seed(cfg.seed)
+        self._signal: int | None = None
+
+    # -- hooks a task (or a test) may override --------------------------------------------------------
+    def compute_loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        """Summed loss of a micro-batch (token-level for LM, example-level for classification)."""
+        return model(
+            batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            targets=batch["targets"],
+            reduction="sum",
+        )
+
+    def count_targets(self, batch: dict) -> torch.Tensor:
+        """How many terms `compute_loss` summed: non-ignored target tokens, or examples."""
+        t = batch["targets"]
+        return t.numel() if self.kind == "classify" else (t != -100).sum()
+
+    def example_stats(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        """Per-example sums for evaluation, (B,) each, so `gather_for_metrics` can drop duplicates."""
+        x, y, mask = batch["input_ids"], batch["targets"], batch.get("attention_mask")
+        if self.kind == "classify":
+            logits = model(x, attention_mask=mask).float()
+            loss = F.cross_entropy(logits, y, reduction="none")
+            return {"loss": loss, "count": torch.ones_like(loss), "correct": (logits.argmax(-1) == y).float()}
+        loss = model(x, attention_mask=mask, targets=y, reduction="none").view(y.shape[0], -1)
+        return {"loss": loss.sum(1), "count": (y != -100).sum(1).float()}
+
+    # -- public API -----------------------------------------------------------------------------------
+    def main_process_first(self):
+        """Context for data preparation: the main process builds the `datasets` cache, the others reuse it."""
+        return self.accelerator.main_process_first()
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def fit(
+        self,
+        model: GPT,
+        train_dataset,
+        collate_fn,
+        val_dataset=None,
+        *,
+        final_eval: dict[str, Any] | None = None,
+        run_config: dict | None = None,
+        metadata: dict[str, dict] | None = None,
+    ) -> RunResult:
+        """Train; returns the final gptforge checkpoint (or the resumable one if interrupted) and metrics.
+
+        `final_eval` maps split names to datasets evaluated in full at the end (e.g. train/val/test
+        accuracy); `metadata` maps extra JSON files (prompt_style.json, ...) saved beside the final model.
+        """
+        cfg, acc = self.cfg, self.accelerator
+        self.run_config = run_config or {}
+        self.metadata = metadata or {}
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        acc.wait_for_everyone()
+
+        train_loader = self._loader(train_dataset, collate_fn, shuffle=True, drop_last=cfg.drop_last)
+        val_loader = self._loader(val_dataset, collate_fn) if val_dataset is not None else None
+        self._collate = collate_fn
+        optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+        if val_loader is not None:
+            model, optimizer, train_loader, val_loader = acc.prepare(
+                model, optimizer, train_loader, val_loader
+            )
+        else:
+            model, optimizer, train_loader = acc.prepare(model, optimizer, train_loader)
+
+        n_batches = len(train_loader)
+        spe = n_batches // cfg.grad_accum if cfg.drop_last else math.ceil(n_batches / cfg.grad_accum)
+        if spe == 0:
+            raise ConfigError(
+                f"the training set ({len(train_dataset)} examples) is smaller than one optimizer step "
+                f"(train.batch_size={cfg.batch_size} x train.grad_accum={cfg.grad_accum} x "
+                f"{acc.num_processes} processes); lower them or set train.drop_last=false"
+            )
+        total = cfg.max_steps if cfg.max_steps is not None else spe * cfg.epochs
+        n_epochs = math.ceil(total / spe)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
+            lr_lambda(cfg.schedule, cfg.warmup_steps, total, cfg.min_lr_ratio),
+        )
+        scheduler = acc.prepare(scheduler)
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.steps_per_epoch, self.total_steps = spe, total
+
+        state = TrainState(
+            batch_size=cfg.batch_size,
+            grad_accum=cfg.grad_accum,
+            num_processes=acc.num_processes,
+            seed=cfg.seed,
+        )
+        resume_from = find_resume_checkpoint(cfg.resume, self.out_dir)
+        if resume_from is not None:
+            state = self._load(resume_from)
+        else:
+            self._truncate_metrics(0)
+        self.state = state
+        if acc.trackers == [] and cfg.trackers:
+            acc.init_trackers(self.out_dir.name, config=_flat(self.run_config))
+
+        from tqdm.auto import tqdm
+
+        pbar = tqdm(
+            total=total,
+            initial=state.step,
+            desc=f"train ({self.kind})",
+            disable=not (cfg.progress and acc.is_local_main_process),
+            dynamic_ncols=True,
+        )
+        old_handlers = self._install_signal_handlers()
+        status = "completed"
+        saved_at = -1
+        try:
+            model.train()
+            t_last, tok_last = time.perf_counter(), state.tokens_seen
+            for epoch in range(state.epoch, n_epochs):
+                if state.step >= total:
+                    break
+                train_loader.set_epoch(epoch)
+                skip = state.batches_in_epoch if epoch == state.epoch else 0
+                state.epoch, state.batches_in_epoch = epoch, skip
+                loader = acc.skip_first_batches(train_loader, skip) if skip else train_loader
+                it = iter(loader)
+                stop = False
+                while state.batches_in_epoch // cfg.grad_accum < spe and state.step < total:
+                    window = self._next_window(it)
+                    if not window:
+                        break
+                    loss, n_tok, grad_norm, lr = self._train_step(window, state)
+                    state.batches_in_epoch += len(window)
+                    state.step += 1
+                    state.tokens_seen += n_tok
+                    pbar.update(1)
+                    if state.step % cfg.log_every == 0 or state.step == total:
+                        now = time.perf_counter()
+                        tps = (state.tokens_seen - tok_last) / max(now - t_last, 1e-9)
+                        t_last, tok_last = now, state.tokens_seen
+                        rec = {"step": state.step, "epoch": epoch, "loss": loss, "lr": lr}
+                        rec.update({"tokens": state.tokens_seen, "tokens_per_s": round(tps, 1)})
+                        if grad_norm is not None:
+                            rec["grad_norm"] = grad_norm
+                        self._log(rec)
+                        pbar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+                    if cfg.eval_every and state.step % cfg.eval_every == 0 and val_loader is not None:
+                        self._eval_and_log(state, epoch)
+                    if cfg.save_every and state.step % cfg.save_every == 0:
+                        self._save(state)
+                        saved_at = state.step
+                    if self._signal is not None:
+                        acc.set_trigger()
+                    if acc.check_trigger():
+                        stop = True
+                        break
+                _end_iteration(loader)
+                if stop:
+                    if saved_at != state.step:
+                        self._save(state)
+                    status = "interrupted"
+                    break
+                if state.batches_in_epoch // cfg.grad_accum >= spe:
+                    state.epoch, state.batches_in_epoch = epoch + 1, 0
+                    if cfg.eval_every == 0 and val_loader is not None:
+                        self._eval_and_log(state, epoch)
+                    if cfg.save_every == 0:
+                        self._save(state)
+                        saved_at = state.step
+        finally:
+            pbar.close()
+            self._restore_signal_handlers(old_handlers)
+
+        if status == "interrupted":
+            ckpt = list_checkpoints(self.out_dir)[-1]
+            self._write_run_json(status, {"step": state.step})
+            if self.is_main:
+                print(
+                    f"stopped by signal at step {state.step}/{total}; resumable checkpoint {ckpt}; "
+                    "continue with --train.resume auto",
+                    file=sys.stderr,
+                )
+            acc.end_training()
+            return RunResult(ckpt, {"status": status, "step": state.step, "resume_from": str(ckpt)})
+
+        if saved_at != state.step:
+            self._save(state)
+        final_metrics = self._final_metrics(state, final_eval, collate_fn)
+        out = self._write_final(final_metrics)
+        acc.end_training()
+        return RunResult(out, final_metrics)
+
+    # -- internals ----------------------------------------------------------------------------------
+    def _loader(self, dataset, collate_fn, shuffle: bool = False, drop_last: bool = False):
+        from torch.utils.data import DataLoader
+
+        return DataLoader(
+            dataset,
+            batch_size=self.cfg.batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            collate_fn=collate_fn,
+            num_workers=self.cfg.num_workers,
+            # own generator: iterator creation must not consume the global RNG (dropout)
+            generator=torch.Generator().manual_seed(self.cfg.seed),
+        )
+
+    def _next_window(self, it: Iterator) -> list[dict]:
+        window = []
+        for _ in range(self.cfg.grad_accum):
+            try:
+                window.append(next(it))
+            except StopIteration:
+                break
+        return window
+
+    def _train_step(self, window: list[dict], state: TrainState) -> tuple[float, int, float | None, float]:
+        """One optimizer step over a window of micro-batches; returns loss, tokens, grad norm, lr used."""
+        acc, model, cfg = self.accelerator, self.model, self.cfg
+        counts = torch.stack(
+            [torch.as_tensor(self.count_targets(b), device=acc.device).float() for b in window]
+        ).sum()
+        tokens = sum(
+            int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+            for b in window
+        )
+        totals = acc.reduce(torch.stack([counts, torch.tensor(float(tokens), device=acc.device)]), "sum")
+        n_targets = float(totals[0])
+        scale = acc.num_processes / max(n_targets, 1.0)
+        loss_sum = torch.zeros((), device=acc.device)
+        for i, batch in enumerate(window):
+            ctx = contextlib.nullcontext() if i == len(window) - 1 else acc.no_sync(model)
+            with ctx:
+                loss = self.compute_loss(model, batch)
+                acc.backward(loss * scale)
+            loss_sum += loss.detach().float()
+        loss_global = float(acc.reduce(loss_sum, "sum")) / max(n_targets, 1.0)
+        if not math.isfinite(loss_global):
+            self._diverged(state, loss_global)
+        grad_norm = None
+        if cfg.grad_clip is not None:
+            grad_norm = float(acc.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        self.optimizer.step()
+        if not acc.optimizer_step_was_skipped:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_global, int(totals[1]), grad_norm, lr
+
+    def _diverged(self, state: TrainState, value: float) -> None:
+        self._log(
+            {"step": state.step + 1, "epoch": state.epoch, "event": "nonfinite_loss", "loss": str(value)}
+        )
+        found = list_checkpoints(self.out_dir)
+        last = found[-1] if found else None
+        self._write_run_json(
+            "diverged", {"step": state.step + 1, "last_checkpoint": str(last) if last else None}
+        )
+        self.accelerator.end_training()
+        where = f"last good checkpoint {last}" if last else "no checkpoint was saved yet"
+        raise TrainingError(
+            f"loss became {value} at step {state.step + 1} (epoch {state.epoch}); stopped without saving; "
+            f"{where}; lower train.lr, set train.grad_clip or use train.mixed_precision=no, then resume"
+        )
+
+    @torch.no_grad()
+    def evaluate(self, loader, max_batches: int | None = None) -> dict[str, float]:
+        """Mean loss (and accuracy for classifiers) over `loader`, exact across processes."""
+        acc, model = self.accelerator, self.model
+        was_training = model.training
+        model.eval()
+        sums: dict[str, float] = {}
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            stats = acc.gather_for_metrics(self.example_stats(model, batch))
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + float(v.double().sum())
+        _end_iteration(loader)
+        model.train(was_training)
+        n = max(sums.get("count", 0.0), 1.0)
+        out = {"loss": sums.get("loss", float("nan")) / n}
+        if self.kind == "classify":
+            out["acc"] = sums.get("correct", 0.0) / n
+        else:
+            out["ppl"] = math.exp(min(out["loss"], 700.0))
+        return out
+
+    def _eval_and_log(self, state: TrainState, epoch: int) -> None:
+        res = self.evaluate(self.val_loader, self.cfg.eval_batches)
+        state.last_val_loss, state.last_val_step = res["loss"], state.step
+        self._log({"step": state.step, "epoch": epoch, **{f"val_{k}": v for k, v in res.items()}})
+
+    def _log(self, rec: dict) -> None:
+        if self.is_main:
+            with open(self.out_dir / METRICS, "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec) + "\n")
+        self.state.metrics_lines += 1
+        if self.cfg.trackers:
+            scalars = {k: v for k, v in rec.items() if isinstance(v, (int, float)) and k != "step"}
+            self.accelerator.log(scalars, step=rec["step"])
+
+    def _truncate_metrics(self, n_lines: int) -> None:
+        """Keep the first `n_lines` records: a resumed run continues exactly where its checkpoint was."""
+        if self.is_main:
+            path = self.out_dir / METRICS
+            lines = path.read_text(encoding="utf-8").splitlines(keepends=True) if path.is_file() else []
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            tmp.write_text("".join(lines[:n_lines]), encoding="utf-8")
+            os.replace(tmp, path)
+        self.accelerator.wait_for_everyone()
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+    def _save(self, state: TrainState) -> Path:
+        """Accelerate state + trainer_state.json, written to a temp dir and renamed into place."""
+        acc = self.accelerator
+        root = self.out_dir / CHECKPOINTS
+        name = f"step-{state.step:08d}"
+        final, tmp = root / name, root / f".tmp-{name}"
+        if self.is_main:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        if self.is_main:
+            score = state.last_val_loss if state.last_val_step == state.step else None
+            state.scores[name] = score
+            if score is not None and (state.best_val_loss is None or score < state.best_val_loss):
+                state.best_val_loss, state.best_step = score, state.step
+            write_json(tmp / STATE, asdict(state))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            self._rotate(state)
+        acc.wait_for_everyone()
+        return final
+
+    def _rotate(self, state: TrainState) -> None:
+        """Keep the last `keep_last` checkpoints and the best one (lowest val_loss at save time)."""
+        found = list_checkpoints(self.out_dir)
+        best = f"step-{state.best_step:08d}" if state.best_step is not None else None
+        for p in found[: max(0, len(found) - self.cfg.keep_last)]:
+            if p.name != best:
+                shutil.rmtree(p, ignore_errors=True)
+                state.scores.pop(p.name, None)
+
+    def _load(self, path: Path) -> TrainState:
+        acc, cfg = self.accelerator, self.cfg
+        raw = json.loads((path / STATE).read_text(encoding="utf-8"))
+        state = TrainState(**raw)
+        now = {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "num_processes": acc.num_processes}
+        for k, v in now.items():
+            if getattr(state, k) != v:
+                raise TrainingError(
+                    f"{path}: made with {k}={getattr(state, k)}, this run has {k}={v}; resume with the same "
+                    "train.batch_size, train.grad_accum and number of processes (or start a new out_dir)"
+                )
+        if state.seed != cfg.seed:
+            raise TrainingError(
+                f"{path}: made with train.seed={state.seed}, not {cfg.seed}; use the same seed"
+            )
+        acc.load_state(str(path))
+        self.state = state
+        self._truncate_metrics(state.metrics_lines)
+        if self.is_main:
+            print(f"resuming from {path} (step {state.step}, epoch {state.epoch})", file=sys.stderr)
+        return state
+
+    # -- signals --------------------------------------------------------------------------------------
+    def _install_signal_handlers(self) -> dict:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def handler(signum, frame):  # finish the step, save, stop
+            self._signal = signum
+
+        old = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            old[sig] = signal.signal(sig, handler)
+        return old
+
+    @staticmethod
+    def _restore_signal_handlers(old: dict) -> None:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+    # -- the end --------------------------------------------------------------------------------------
+    def _final_metrics(self, state: TrainState, final_eval: dict | None, collate_fn) -> dict:
+        acc = self.accelerator
+        metrics: dict[str, Any] = {"status": "completed", "step": state.step, "tokens": state.tokens_seen}
+        if self.val_loader is not None:
+            res = self.evaluate(self.val_loader)
+            metrics.update({f"val_{k}": v for k, v in res.items()})
+        for split, ds in (final_eval or {}).items():
+            if split == "val" and self.val_loader is not None:
+                continue
+            loader = acc.prepare(self._loader(ds, collate_fn))
+            res = self.evaluate(loader)
+            metrics.update({f"{split}_{k}": v for k, v in res.items()})
+        if state.best_step is not None:
+            metrics["best_step"], metrics["best_val_loss"] = state.best_step, state.best_val_loss
+        self._log({"final": True, **metrics})
+        return metrics
+
+    def _write_run_json(self, status: str, extra: dict) -> dict:
+        acc = self.accelerator
+        run = {
+            "status": status,
+            "task": self.run_config.get("task"),
+            "config": self.run_config,
+            "seed": self.cfg.seed,
+            "git_commit": git_commit(),
+            "versions": package_versions(),
+            "num_processes": acc.num_processes,
+            "distributed_type": str(acc.distributed_type),
+            "mixed_precision": acc.mixed_precision,
+            "device": str(acc.device),
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total_steps,
+            **extra,
+        }
+        if self.is_main:
+            write_json(self.out_dir / "run.json", run)
+        return run
+
+    def _export_model(self) -> GPT:
+        """A plain GPT holding the trained weights (full state dict gathered under FSDP/DeepSpeed)."""
+        from accelerate.utils import DistributedType
+
+        acc = self.accelerator
+        unwrapped = acc.unwrap_model(self.model)
+        if acc.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            return unwrapped
+        sd = acc.get_state_dict(self.model)
+        if not self.is_main:
+            return unwrapped
+        import copy
+
+        cfg = copy.deepcopy(unwrapped.cfg)
+        plain = GPT(cfg)
+        plain.load_state_dict({k: v.cpu() for k, v in sd.items()}, strict=False)
+        return plain
+
+    def _write_final(self, metrics: dict) -> Path:
+        run = self._write_run_json("completed", {"metrics": metrics})
+        model = self._export_model()
+        out = self.out_dir / FINAL
+        if self.is_main:
+            records = read_metrics(self.out_dir / METRICS)
+            try:
+                plot_losses(records, self.out_dir / LOSS_PNG)
+            except Exception as e:  # a plot must never lose a trained model
+                print(f"warning: could not plot losses: {e}", file=sys.stderr)
+
+            def write(tmp: Path) -> None:
+                save_checkpoint(model, tmp, metadata={"run.json": run, **self.metadata})
+                shutil.copyfile(self.out_dir / METRICS, tmp / METRICS)
+                if (self.out_dir / LOSS_PNG).is_file():
+                    shutil.copyfile(self.out_dir / LOSS_PNG, tmp / LOSS_PNG)
+
+            atomic_dir(out, write)
+        self.accelerator.wait_for_everyone()
+        return out
+
+
+def _end_iteration(loader) -> None:
+    """Tell Accelerate an abandoned loader iteration is over (it only does so when exhausted)."""
+    end = getattr(loader, "end", None)
+    if callable(end):
+        with contextlib.suppress(Exception):
+            end()
