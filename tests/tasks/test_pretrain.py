@@ -1,0 +1,155 @@
+"""Pretraining corpora: packing, splits, document joins, cache reuse by fingerprint, bad input."""
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gptforge.errors import DataError
+from gptforge.model.tokenizer import EOT_ID, Tokenizer
+from gptforge.tasks.pretrain import PretrainCollator, load_corpus
+
+
+def _blocks(ds) -> np.ndarray:
+    return np.asarray(ds.with_format("numpy")[:]["input_ids"])
+
+
+@pytest.fixture(scope="module")
+def verdict_ids(shared_data_dir) -> list[int]:
+    return Tokenizer().encode((shared_data_dir / "text" / "the-verdict.txt").read_text(encoding="utf-8"))
+
+
+def test_the_verdict_packs_like_the_reference(data_env, tmp_path, verdict_ids):
+    assert len(verdict_ids) == 5145
+    dsd = load_corpus("the-verdict", context_length=256, cache_dir=tmp_path)
+    # (5145 - 257) // 256 + 1 = 20 blocks of 257 tokens: the reference's 9 + 1 batches of 2.
+    assert {k: len(v) for k, v in dsd.items()} == {"train": 18, "validation": 2}
+    blocks = np.concatenate([_blocks(dsd["train"]), _blocks(dsd["validation"])])
+    assert blocks.shape == (20, 257)
+    for k in range(20):
+        assert blocks[k].tolist() == verdict_ids[k * 256 : k * 256 + 257]
+    assert all(f["filename"].startswith(str(tmp_path)) for f in dsd["train"].cache_files)  # Arrow on disk
+
+
+def test_stride_overlap_and_train_blocks_touching_validation(data_env, tmp_path, verdict_ids, caplog):
+    with caplog.at_level(logging.INFO, logger="gptforge.tasks.pretrain"):
+        dsd = load_corpus(
+            data_env / "text" / "the-verdict.txt", context_length=64, stride=32, cache_dir=tmp_path
+        )
+    n_blocks = (5145 - 65) // 32 + 1  # 159
+    n_val = int(n_blocks * 0.1)  # 15, starting at token (159 - 15) * 32 = 4608
+    # Train blocks may end at token 4608 (shared with validation) -> starts up to 4544 -> 143 blocks.
+    assert {k: len(v) for k, v in dsd.items()} == {"train": 143, "validation": n_val}
+    assert "1 train blocks overlapping validation left out" in caplog.text
+    val = _blocks(dsd["validation"])
+    assert val[0].tolist() == verdict_ids[4608 : 4608 + 65]
+    assert _blocks(dsd["train"])[-1].tolist() == verdict_ids[4544 : 4544 + 65]
+
+
+def test_documents_are_joined_by_endoftext(tmp_path):
+    tok = Tokenizer()
+    docs = tmp_path / "docs"
+    (docs / "sub").mkdir(parents=True)
+    texts = {"a.txt": "First document here.", "sub/b.md": "Second one!", "c.txt": "Third and last."}
+    for name, text in texts.items():
+        (docs / name).write_text(text, encoding="utf-8")
+    (docs / "skip.csv").write_text("not,text\n")
+    dsd = load_corpus(str(docs), context_length=4, stride=1, val_fraction=0.0, cache_dir=tmp_path / "c")
+    order = ["a.txt", "c.txt", "sub/b.md"]  # sorted paths
+    stream = []
+    for i, name in enumerate(order):
+        stream += tok.encode(texts[name]) + ([EOT_ID] if i < len(order) - 1 else [])
+    blocks = _blocks(dsd["train"])
+    assert list(dsd) == ["train"] and len(blocks) == len(stream) - 4
+    assert [b.tolist() for b in blocks] == [stream[s : s + 5] for s in range(len(stream) - 4)]
+    # A glob and a list of sources give the same stream.
+    same = load_corpus(
+        [str(docs / "a.txt"), str(docs / "c.txt"), str(docs / "s*" / "*.md")],
+        context_length=4,
+        stride=1,
+        val_fraction=0.0,
+        cache_dir=tmp_path / "c",
+    )
+    assert (_blocks(same["train"]) == blocks).all()
+
+
+def test_second_call_reuses_the_cache(shared_data_dir, tmp_path, monkeypatch):
+    src = shared_data_dir / "text" / "the-verdict.txt"
+    first = load_corpus(src, context_length=32, cache_dir=tmp_path)
+    files = sorted(p.name for p in Path(tmp_path).glob("*.arrow"))
+    assert any(n.startswith("tokens-") for n in files) and any(n.startswith("blocks-") for n in files)
+
+    def boom(self, texts, num_threads=8):
+        raise AssertionError("tokenized again: the cache was not reused")
+
+    monkeypatch.setattr(Tokenizer, "encode_batch", boom)
+    second = load_corpus(src, context_length=32, cache_dir=tmp_path)
+    assert second["train"].cache_files == first["train"].cache_files
+    assert second["train"]._fingerprint == first["train"]._fingerprint
+    assert sorted(p.name for p in Path(tmp_path).glob("*.arrow")) == files
+    assert (_blocks(second["validation"]) == _blocks(first["validation"])).all()
+    with pytest.raises(AssertionError, match="tokenized again"):
+        load_corpus(src, context_length=32, cache_dir=tmp_path / "fresh")  # a new cache must tokenize
+
+
+def test_table_source_with_text_column_and_collator(tmp_path):
+    tok = Tokenizer()
+    recs = [{"body": f"Record number {i} says hello.", "id": i} for i in range(6)]
+    f = tmp_path / "c.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in recs), encoding="utf-8")
+    dsd = load_corpus(f, text_column="body", context_length=8, val_fraction=0.25, cache_dir=tmp_path / "c")
+    stream = []
+    for i, r in enumerate(recs):
+        stream += tok.encode(r["body"]) + ([EOT_ID] if i < 5 else [])
+    n_blocks = (len(stream) - 9) // 8 + 1
+    assert len(dsd["train"]) + len(dsd["validation"]) == n_blocks and len(dsd["validation"]) == n_blocks // 4
+    batch = PretrainCollator()([dsd["train"][0], dsd["train"][1]])
+    assert batch["input_ids"].shape == batch["targets"].shape == (2, 8)
+    assert batch["input_ids"].dtype == batch["targets"].dtype == torch.long
+    assert batch["input_ids"][0].tolist() == stream[0:8] and batch["targets"][0].tolist() == stream[1:9]
+    assert batch["input_ids"][1].tolist() == stream[8:16]
+    torch_rows = dsd["train"].with_format("torch")
+    assert torch.equal(PretrainCollator()([torch_rows[0]])["targets"][0], batch["targets"][0])
+
+
+def test_bad_corpora(tmp_path, data_env):
+    (tmp_path / "tiny.txt").write_text("Too short.", encoding="utf-8")
+    with pytest.raises(DataError, match=r"tokens, fewer than one block of context_length \+ 1 = 257"):
+        load_corpus(tmp_path / "tiny.txt", cache_dir=tmp_path / "c")
+    with pytest.raises(DataError, match="the pattern matches no files"):
+        load_corpus(str(tmp_path / "*.nothing"), cache_dir=tmp_path / "c")
+    with pytest.raises(DataError, match=r"missing\.jsonl: no such file"):
+        load_corpus(tmp_path / "missing.jsonl", cache_dir=tmp_path / "c")
+    (tmp_path / "latin.txt").write_bytes("ok\ncaf\xe9\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin\.txt: line 2 \(byte 6\) is not valid UTF-8"):
+        load_corpus(tmp_path / "latin.txt", cache_dir=tmp_path / "c")
+    (tmp_path / "t.jsonl").write_text('{"text": "a"}\n{"text": null}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"t\.jsonl: row 2 has no text in 'text'"):
+        load_corpus(tmp_path / "t.jsonl", cache_dir=tmp_path / "c")
+    with pytest.raises(DataError, match=r"no column 'content' \(columns: \['text'\]\)"):
+        load_corpus(tmp_path / "t.jsonl", text_column="content", cache_dir=tmp_path / "c")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"empty: no \*\.txt or \*\.md files inside"):
+        load_corpus(tmp_path / "empty", cache_dir=tmp_path / "c")
+    with pytest.raises(DataError, match="no sources given"):
+        load_corpus([], cache_dir=tmp_path / "c")
+    with pytest.raises(DataError, match="need 2 or more for a validation split"):
+        load_corpus("the-verdict", context_length=5000, cache_dir=tmp_path / "c")
+    with pytest.raises(DataError, match="stride=0"):
+        load_corpus("the-verdict", stride=0)
+    with pytest.raises(DataError, match="blocks of different lengths"):
+        PretrainCollator()([{"input_ids": [1, 2, 3]}, {"input_ids": [1, 2]}])
+
+
+def test_num_proc_gives_the_same_blocks(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(8):
+        (docs / f"{i}.txt").write_text(f"Document {i}. " * (20 + i), encoding="utf-8")
+    one = load_corpus(docs, context_length=16, stride=8, cache_dir=tmp_path / "a")
+    two = load_corpus(docs, context_length=16, stride=8, num_proc=2, cache_dir=tmp_path / "b")
+    for split in ("train", "validation"):
+        assert (_blocks(one[split]) == _blocks(two[split])).all()
