@@ -1,0 +1,635 @@
+"""Converters between gptforge's GPT and transformers' GPT-2, and a verified Hugging Face export.
+
+Conversions are pure functions (state dict in, state dict out) driven by one explicit key table,
+`KEY_TABLE`. Anything that cannot be represented exactly (a config switch our model lacks, a tensor
+the table does not know, a tensor that is missing) raises ConversionError naming it: we never
+approximate. `export` writes a directory `transformers` loads as is, and reloads it to check the
+logits before it reports success.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gptforge.errors import ConfigError, ConversionError
+from gptforge.model.config import GPTConfig
+from gptforge.model.gpt import GPT
+
+# gptforge name -> HF name (relative to GPT2Model for the body; heads are top level), and whether the
+# tensor is a Conv1D weight stored (in, out) by HF and so must be transposed. "{}" is the layer index.
+KEY_TABLE: tuple[tuple[str, str, bool], ...] = (
+    ("tok_emb.weight", "wte.weight", False),
+    ("pos_emb.weight", "wpe.weight", False),
+    ("blocks.{}.ln_1.weight", "h.{}.ln_1.weight", False),
+    ("blocks.{}.ln_1.bias", "h.{}.ln_1.bias", False),
+    ("blocks.{}.attn.qkv.weight", "h.{}.attn.c_attn.weight", True),
+    ("blocks.{}.attn.qkv.bias", "h.{}.attn.c_attn.bias", False),
+    ("blocks.{}.attn.proj.weight", "h.{}.attn.c_proj.weight", True),
+    ("blocks.{}.attn.proj.bias", "h.{}.attn.c_proj.bias", False),
+    ("blocks.{}.ln_2.weight", "h.{}.ln_2.weight", False),
+    ("blocks.{}.ln_2.bias", "h.{}.ln_2.bias", False),
+    ("blocks.{}.mlp.fc.weight", "h.{}.mlp.c_fc.weight", True),
+    ("blocks.{}.mlp.fc.bias", "h.{}.mlp.c_fc.bias", False),
+    ("blocks.{}.mlp.proj.weight", "h.{}.mlp.c_proj.weight", True),
+    ("blocks.{}.mlp.proj.bias", "h.{}.mlp.c_proj.bias", False),
+    ("ln_f.weight", "ln_f.weight", False),
+    ("ln_f.bias", "ln_f.bias", False),
+    ("lm_head.weight", "lm_head.weight", False),
+    ("score.weight", "score.weight", False),
+)
+_FROM_HF = {hf: (ours, t) for ours, hf, t in KEY_TABLE}
+_TO_HF = {ours: (hf, t) for ours, hf, t in KEY_TABLE}
+HEAD_KEYS = ("lm_head.weight", "score.weight")  # top-level in HF; everything else lives under `transformer.`
+HF_PREFIX = "transformer."
+# Causal-mask buffers that older HF files carry; they are not weights.
+_IGNORED_HF = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
+_LAYER = re.compile(r"\.(\d+)\.")
+
+# HF activation -> GPTConfig.activation. gelu_pytorch_tanh is the very function our "gelu_new" computes.
+_ACTIVATIONS = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu"}
+VERIFY_ATOL = 1e-5
+QKV_BIAS_FLAG = "gptforge_qkv_bias"  # extra HF config key: the zero c_attn bias came from qkv_bias=False
+
+
+def _lookup(
+    key: str, table: Mapping[str, tuple[str, bool]], what: str, shown: str | None = None
+) -> tuple[str, bool]:
+    """Map one name through the key table; an unknown name is an error that names it."""
+    m = _LAYER.search(key)
+    template = _LAYER.sub(".{}.", key, count=1) if m else key
+    if template not in table:
+        raise ConversionError(
+            f"unexpected tensor {shown or key!r} in the {what} state dict: gptforge's GPT-2 has no such "
+            "weight (is this a GPT-2 checkpoint?)"
+        )
+    target, transpose = table[template]
+    return (target.format(m.group(1)) if m else target), transpose
+
+
+# -- configs ----------------------------------------------------------------------------------------
+def _hf_config_dict(hf_config: Any) -> dict:
+    if isinstance(hf_config, Mapping):
+        return dict(hf_config)
+    if hasattr(hf_config, "to_dict"):
+        return hf_config.to_dict()
+    raise ConversionError(
+        f"expected a transformers GPT2Config or a config dict, got {type(hf_config).__name__}"
+    )
+
+
+def config_from_hf(hf_config: Any, *, classifier: bool | None = None) -> GPTConfig:
+    """GPTConfig for a transformers GPT-2 config (object or config.json dict); refuse what we cannot match.
+
+    `classifier` None means: a classifier when `architectures` names GPT2ForSequenceClassification.
+    """
+    d = _hf_config_dict(hf_config)
+    from transformers import GPT2Config
+
+    defaults = GPT2Config().to_dict()
+
+    def get(name: str) -> Any:
+        return d.get(name, defaults.get(name))
+
+    if d.get("model_type") != "gpt2":
+        raise ConversionError(
+            f"config model_type={d.get('model_type')!r}: only GPT-2 checkpoints (model_type 'gpt2') convert"
+        )
+    refused = {
+        "scale_attn_by_inverse_layer_idx": True,
+        "reorder_and_upcast_attn": True,
+        "add_cross_attention": True,
+        "scale_attn_weights": False,
+    }
+    for name, bad in refused.items():
+        if bool(get(name)) == bad:
+            raise ConversionError(
+                f"config {name}={get(name)}: gptforge's GPT-2 cannot represent this exactly; "
+                f"only {name}={not bad} converts"
+            )
+    act = get("activation_function")
+    if act not in _ACTIVATIONS:
+        raise ConversionError(
+            f"config activation_function={act!r} is not supported exactly; use one of {sorted(_ACTIVATIONS)}"
+        )
+    if classifier is None:
+        classifier = any(str(a).endswith("ForSequenceClassification") for a in get("architectures") or [])
+    eos = get("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) and eos else eos
+    eos = 50256 if eos is None else int(eos)
+    pad = get("pad_token_id")
+    pad = eos if pad is None else int(pad)
+    num_labels, id2label = 0, None
+    if classifier:
+        id2label = {int(k): str(v) for k, v in (get("id2label") or {}).items()}
+        num_labels = int(d.get("num_labels", len(id2label) or 2))
+        if num_labels < 2:
+            raise ConversionError(
+                f"config num_labels={num_labels}: regression heads are not supported; use 2 or more classes"
+            )
+        if sorted(id2label) != list(range(num_labels)):
+            id2label = {i: f"LABEL_{i}" for i in range(num_labels)}
+    try:
+        return GPTConfig(
+            vocab_size=int(get("vocab_size")),
+            context_length=int(get("n_positions")),
+            emb_dim=int(get("n_embd")),
+            n_layers=int(get("n_layer")),
+            n_heads=int(get("n_head")),
+            mlp_dim=None if get("n_inner") is None else int(get("n_inner")),
+            dropout=float(get("resid_pdrop") or 0.0),
+            qkv_bias=bool(d.get(QKV_BIAS_FLAG, True)),
+            # A classifier has no LM head in HF; ours stays tied to the embedding and unused.
+            tie_embeddings=True if classifier else bool(get("tie_word_embeddings")),
+            layer_norm_eps=float(get("layer_norm_epsilon")),
+            activation=_ACTIVATIONS[act],
+            num_labels=num_labels,
+            pad_token_id=pad,
+            eos_token_id=eos,
+            id2label=id2label,
+        )
+    except ConfigError as e:
+        raise ConversionError(f"config cannot convert: {e}") from None
+
+
+def config_to_hf(cfg: GPTConfig):
+    """transformers.GPT2Config with the same numerics (dropouts carried; bos = eos as in GPT-2)."""
+    from transformers import GPT2Config
+
+    kwargs: dict[str, Any] = dict(
+        vocab_size=cfg.vocab_size,
+        n_positions=cfg.context_length,
+        n_embd=cfg.emb_dim,
+        n_layer=cfg.n_layers,
+        n_head=cfg.n_heads,
+        n_inner=cfg.mlp_dim,
+        activation_function=cfg.activation,
+        resid_pdrop=cfg.dropout,
+        embd_pdrop=cfg.dropout,
+        attn_pdrop=cfg.dropout,
+        layer_norm_epsilon=cfg.layer_norm_eps,
+        scale_attn_weights=True,
+        tie_word_embeddings=cfg.tie_embeddings or bool(cfg.num_labels),
+        bos_token_id=cfg.eos_token_id,
+        eos_token_id=cfg.eos_token_id,
+        pad_token_id=cfg.pad_token_id,
+    )
+    if not cfg.qkv_bias:
+        kwargs[QKV_BIAS_FLAG] = False
+    if cfg.num_labels:
+        id2label = cfg.id2label or {i: f"LABEL_{i}" for i in range(cfg.num_labels)}
+        kwargs["id2label"] = dict(id2label)
+        kwargs["label2id"] = {v: k for k, v in id2label.items()}
+        kwargs["architectures"] = ["GPT2ForSequenceClassification"]
+    else:
+        kwargs["architectures"] = ["GPT2LMHeadModel"]
+    return GPT2Config(**kwargs)
+
+
+# -- state dicts ------------------------------------------------------------------------------------
+def _expected_shapes(cfg: GPTConfig) -> dict[str, torch.Size]:
+    """Our tensor names and shapes for `cfg` (a tied LM head is not a separate tensor)."""
+    with torch.device("meta"):
+        model = GPT(cfg)
+    sd = model.state_dict()
+    if cfg.tie_embeddings:
+        sd.pop("lm_head.weight")
+    return {k: v.shape for k, v in sd.items()}
+
+
+def state_dict_from_hf(hf_sd: Mapping[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
+    """HF GPT-2 tensors (GPT2Model, GPT2LMHeadModel or GPT2ForSequenceClassification) -> gptforge tensors."""
+    body: dict[str, torch.Tensor] = {}
+    for key, tensor in hf_sd.items():
+        name = key[len(HF_PREFIX) :] if key.startswith(HF_PREFIX) else key
+        if _IGNORED_HF.fullmatch(name):
+            continue
+        if name in body:
+            raise ConversionError(
+                f"tensor {name!r} appears twice (with and without the {HF_PREFIX!r} prefix)"
+            )
+        body[name] = tensor
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in body.items():
+        ours, transpose = _lookup(name, _FROM_HF, "Hugging Face", shown=_hf_name(name))
+        if ours == "lm_head.weight" and cfg.tie_embeddings:
+            wte = body.get("wte.weight")
+            if wte is not None and (wte.shape != tensor.shape or not torch.equal(wte, tensor)):
+                raise ConversionError(
+                    "lm_head.weight differs from transformer.wte.weight but the config ties them "
+                    "(tie_word_embeddings=True); set tie_word_embeddings=false in config.json to keep both"
+                )
+            continue
+        if ours.endswith("attn.qkv.bias") and not cfg.qkv_bias:
+            if torch.count_nonzero(tensor):
+                raise ConversionError(
+                    f"{name} is not zero but the config says qkv_bias=False; drop `{QKV_BIAS_FLAG}` from config.json"
+                )
+            continue
+        out[ours] = tensor.t().contiguous() if transpose else tensor
+    _check_complete(out, cfg, to_name=lambda k: _hf_name(_lookup(k, _TO_HF, "gptforge")[0]))
+    return out
+
+
+def _hf_name(name: str) -> str:
+    """The full name transformers' GPT2LMHeadModel uses for a body-relative or head name."""
+    return name if name in HEAD_KEYS or name.startswith(HF_PREFIX) else HF_PREFIX + name
+
+
+def state_dict_to_hf(sd: Mapping[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
+    """gptforge tensors -> the tensors a transformers GPT2LMHeadModel / GPT2ForSequenceClassification saves.
+
+    A tied LM head is left out (as transformers saves it); qkv_bias=False becomes an exact zero c_attn bias.
+    """
+    sd = dict(sd)
+    if cfg.tie_embeddings or cfg.num_labels:
+        head = sd.pop("lm_head.weight", None)
+        if head is not None and cfg.num_labels and not cfg.tie_embeddings:
+            warnings.warn(
+                "lm_head.weight is not exported: a Hugging Face sequence classifier has no LM head "
+                "(the classifier's outputs do not use it)",
+                stacklevel=2,
+            )
+    _check_complete(sd, cfg, to_name=lambda k: k)
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in sd.items():
+        name, transpose = _lookup(key, _TO_HF, "gptforge")
+        full = name if name in HEAD_KEYS else HF_PREFIX + name
+        out[full] = tensor.t().contiguous() if transpose else tensor
+        if key.endswith("attn.qkv.weight") and not cfg.qkv_bias:
+            bias_name = full.replace("c_attn.weight", "c_attn.bias")
+            out[bias_name] = torch.zeros(tensor.shape[0], dtype=tensor.dtype, device=tensor.device)
+    return out
+
+
+def _check_complete(sd: Mapping[str, torch.Tensor], cfg: GPTConfig, to_name) -> None:
+    """Every expected tensor is there with the right shape, and nothing else (names in the source's terms)."""
+    expected = _expected_shapes(cfg)
+    missing = sorted(set(expected) - set(sd))
+    if missing:
+        names = [to_name(k) for k in missing]
+        raise ConversionError(
+            f"missing tensor(s) {names[:5]}{' ...' if len(names) > 5 else ''} for a GPT-2 with "
+            f"n_layer={cfg.n_layers}, num_labels={cfg.num_labels}, tie_embeddings={cfg.tie_embeddings}"
+        )
+    unexpected = sorted(set(sd) - set(expected))
+    if unexpected:
+        raise ConversionError(f"unexpected tensor(s) {unexpected[:5]} for this config")
+    for k, shape in expected.items():
+        if tuple(sd[k].shape) != tuple(shape):
+            raise ConversionError(
+                f"tensor {to_name(k)!r} has shape {tuple(sd[k].shape)}, expected {tuple(shape)} from the config"
+            )
+
+
+# -- loading ----------------------------------------------------------------------------------------
+_SAFE, _SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
+_BIN, _BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refuses pickled objects: that is the point
+        raise ConversionError(f"{path}: cannot read as plain tensors with weights_only=True ({e})") from None
+
+
+def read_hf_dir(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """config.json and the tensors of a local HF GPT-2 directory (single or sharded; safetensors or .bin)."""
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise ConversionError(f"{p}: no config.json; point at a Hugging Face model directory")
+    try:
+        config = json.loads((p / "config.json").read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{p / 'config.json'}: not valid JSON ({e})") from None
+    if (p / _SAFE).is_file():
+        return config, load_file(str(p / _SAFE))
+    for index, loader in ((_SAFE_INDEX, lambda f: load_file(str(f))), (_BIN_INDEX, _load_bin)):
+        if (p / index).is_file():
+            weight_map = json.loads((p / index).read_text(encoding="utf-8")).get("weight_map", {})
+            sd: dict[str, torch.Tensor] = {}
+            for shard in sorted(set(weight_map.values())):
+                if not (p / shard).is_file():
+                    raise ConversionError(f"{p / index} lists shard {shard!r}, which is missing")
+                sd.update(loader(p / shard))
+            if missing := sorted(set(weight_map) - set(sd)):
+                raise ConversionError(f"{p / index}: tensors {missing[:5]} are not in their shards")
+            return config, sd
+    if (p / _BIN).is_file():
+        return config, _load_bin(p / _BIN)
+    raise ConversionError(f"{p}: no weights found; expected {_SAFE}, {_SAFE_INDEX} or {_BIN}")
+
+
+def _download(repo_id: str) -> Path:
+    """A hub snapshot with just the config and one weights format (network or the HF cache)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        d = Path(snapshot_download(repo_id, allow_patterns=["config.json", "model*.safetensors*"]))
+        if not any(d.glob("model*.safetensors")):
+            d = Path(snapshot_download(repo_id, allow_patterns=["config.json", "pytorch_model*.bin*"]))
+    except Exception as e:
+        raise ConversionError(
+            f"{repo_id!r} is not a local directory and could not be fetched from the Hugging Face hub "
+            f"({type(e).__name__}); check the path, or the network / HF_HUB_OFFLINE"
+        ) from None
+    return d
+
+
+def from_hf(source: Any, device: str | torch.device = "cpu") -> GPT:
+    """A gptforge GPT (fp32, eval mode) from a hub id, a local HF directory or a transformers model."""
+    if isinstance(source, (str, os.PathLike)):
+        p = Path(source).expanduser()
+        if p.is_dir():
+            config, hf_sd = read_hf_dir(p)
+        elif p.exists() or str(source).startswith((".", "/", "~")) or str(source).count("/") > 1:
+            raise ConversionError(
+                f"{source}: no such model directory; pass a Hugging Face model folder or hub id"
+            )
+        else:
+            config, hf_sd = read_hf_dir(_download(str(source)))
+    elif hasattr(source, "state_dict") and hasattr(source, "config"):
+        config, hf_sd = source.config, source.state_dict()
+    else:
+        raise ConversionError(f"cannot convert a {type(source).__name__}; pass a hub id, directory or model")
+    cfg = config_from_hf(config, classifier=any(k == "score.weight" for k in hf_sd))
+    if not any(k.startswith(HF_PREFIX) or k in HEAD_KEYS for k in hf_sd):
+        # A bare GPT2Model (no head at all): give it GPT-2's usual head, tied to the embedding.
+        cfg = dataclasses.replace(cfg, tie_embeddings=True)
+    sd = state_dict_from_hf(hf_sd, cfg)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model.to_empty(device=device)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight
+    model.load_state_dict(sd, strict=False)  # completeness was checked by state_dict_from_hf
+    return model.eval()
+
+
+def to_hf(model: GPT):
+    """A transformers GPT2LMHeadModel (or GPT2ForSequenceClassification) holding a copy of the weights."""
+    from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
+
+    cfg = model.cfg
+    hf_cfg = config_to_hf(cfg)
+    cls = GPT2ForSequenceClassification if cfg.num_labels else GPT2LMHeadModel
+    sd = {k: v.detach().clone() for k, v in state_dict_to_hf(model.state_dict(), cfg).items()}
+    if not cfg.num_labels and cfg.tie_embeddings:
+        sd["lm_head.weight"] = sd[HF_PREFIX + "wte.weight"]
+    with torch.device("meta"):
+        hf = cls(hf_cfg)
+    hf.load_state_dict(sd, strict=True, assign=True)
+    if cfg.tie_embeddings:
+        hf.tie_weights()
+    if not cfg.num_labels:
+        from transformers import GenerationConfig
+
+        hf.generation_config = GenerationConfig(
+            bos_token_id=cfg.eos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id
+        )
+    return hf.eval()
+
+
+# -- export -----------------------------------------------------------------------------------------
+def _verify_inputs(cfg: GPTConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed token ids (never the pad id) and a mask; the second row is right-padded for classifiers."""
+    T = min(cfg.context_length, 12)
+    g = torch.Generator().manual_seed(1234)
+    ids = torch.randint(0, cfg.vocab_size, (2, T), generator=g)
+    if 0 <= cfg.pad_token_id < cfg.vocab_size and cfg.vocab_size > 1:
+        ids[ids == cfg.pad_token_id] = (cfg.pad_token_id + 1) % cfg.vocab_size
+    mask = torch.ones_like(ids)
+    if cfg.num_labels and T > 1:
+        n_pad = max(1, T // 3)
+        ids[1, T - n_pad :] = cfg.pad_token_id
+        mask[1, T - n_pad :] = 0
+    return ids, mask
+
+
+def verify_export(path: str | os.PathLike, model: GPT, atol: float = VERIFY_ATOL) -> float:
+    """Reload an export with transformers (eager, fp32) and compare logits and token ids with gptforge.
+
+    Returns the largest absolute logit difference; a mismatch raises ConversionError.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    cfg = model.cfg
+    auto = AutoModelForSequenceClassification if cfg.num_labels else AutoModelForCausalLM
+    try:
+        hf = auto.from_pretrained(
+            str(path), local_files_only=True, attn_implementation="eager", dtype=torch.float32
+        ).eval()
+    except Exception as e:
+        raise ConversionError(
+            f"{path}: transformers cannot load the export ({type(e).__name__}: {e})"
+        ) from None
+    ids, mask = _verify_inputs(cfg)
+    ref = _fp32_cpu(model)
+    with torch.no_grad():
+        ours = ref(ids, attention_mask=mask if cfg.num_labels else None)
+        theirs = hf(input_ids=ids, attention_mask=mask).logits
+    if ours.shape != theirs.shape:
+        raise ConversionError(f"{path}: logits shape {tuple(theirs.shape)} != gptforge's {tuple(ours.shape)}")
+    diff = (ours - theirs).abs().max().item()
+    if not diff <= atol:
+        raise ConversionError(
+            f"{path}: exported logits differ from gptforge's by {diff:.3g} (> {atol}); the export is not exact"
+        )
+    if (Path(path) / "tokenizer.json").is_file():
+        from gptforge.model.tokenizer import Tokenizer
+
+        text = "Hello, world! GPT-2 exports stay exact.<|endoftext|> 12345"
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        if tok(text)["input_ids"] != Tokenizer().encode(text):
+            raise ConversionError(f"{path}: the exported tokenizer's ids differ from gptforge's tokenizer")
+    return diff
+
+
+def _fp32_cpu(model: GPT) -> GPT:
+    """The model itself when already CPU fp32 in eval mode, else a CPU fp32 eval copy (user's model untouched)."""
+    params = list(model.parameters())
+    if not model.training and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in params):
+        return model
+    with torch.device("meta"):
+        ref = GPT(model.cfg)
+    ref.to_empty(device="cpu")
+    if model.cfg.tie_embeddings:
+        ref.lm_head.weight = ref.tok_emb.weight
+    ref.load_state_dict({k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()})
+    return ref.eval()
+
+
+def _flatten(metrics: Mapping, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for k, v in metrics.items():
+        if isinstance(v, Mapping):
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def model_card(
+    model: GPT,
+    metrics: Mapping | None = None,
+    prompt_style: Mapping | None = None,
+    max_diff: float | None = None,
+) -> str:
+    """README.md for the export: what it is, how big, how well it did, how to load it."""
+    from gptforge import __version__
+
+    cfg = model.cfg
+    task = "text-classification" if cfg.num_labels else "text-generation"
+    auto = "AutoModelForSequenceClassification" if cfg.num_labels else "AutoModelForCausalLM"
+    rows = [
+        ("architecture", "GPT2ForSequenceClassification" if cfg.num_labels else "GPT2LMHeadModel"),
+        ("layers / heads / width", f"{cfg.n_layers} / {cfg.n_heads} / {cfg.emb_dim}"),
+        ("MLP width", str(cfg.hidden_dim)),
+        ("context length", str(cfg.context_length)),
+        ("vocabulary", str(cfg.vocab_size)),
+        ("activation", cfg.activation),
+        ("tied embeddings", str(cfg.tie_embeddings)),
+        ("qkv bias", str(cfg.qkv_bias)),
+        ("parameters", f"{model.num_parameters():,}"),
+    ]
+    if cfg.num_labels:
+        labels = cfg.id2label or {i: f"LABEL_{i}" for i in range(cfg.num_labels)}
+        rows.append(("labels", ", ".join(f"{i}={labels[i]}" for i in sorted(labels))))
+    lines = [
+        "---",
+        "library_name: transformers",
+        f"pipeline_tag: {task}",
+        "tags: [gpt2, gptforge]",
+        "---",
+        "",
+        f"# GPT-2 {'classifier' if cfg.num_labels else 'language model'} (exported by gptforge {__version__})",
+        "",
+        "A GPT-2 trained with gptforge and exported to the standard `transformers` GPT-2 format. "
+        + (
+            f"The export was reloaded with `transformers` (eager attention, fp32) and its logits matched "
+            f"gptforge's (largest difference {max_diff:.2g}, tolerance {VERIFY_ATOL})."
+            if max_diff is not None
+            else "The export was not verified against gptforge."
+        ),
+        "",
+        "| | |",
+        "|---|---|",
+        *(f"| {k} | {v} |" for k, v in rows),
+    ]
+    if metrics:
+        lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
+        for k, v in _flatten(metrics).items():
+            shown = f"{v:.4g}" if isinstance(v, float) else str(v)
+            lines.append(f"| {k} | {shown} |")
+    if prompt_style:
+        lines += [
+            "",
+            "## Prompt style",
+            "",
+            f"Prompts follow `prompt_style.json` ({prompt_style.get('name', '?')}).",
+        ]
+    example = (
+        'print(pipe("This is a test message"))'
+        if cfg.num_labels
+        else 'print(pipe("Every effort moves you", max_new_tokens=20, do_sample=False))'
+    )
+    lines += [
+        "",
+        "## How to load",
+        "",
+        "```python",
+        f"from transformers import AutoTokenizer, {auto}, pipeline",
+        "",
+        'path = "."  # this directory',
+        "tokenizer = AutoTokenizer.from_pretrained(path)",
+        f"model = {auto}.from_pretrained(path)",
+        f'pipe = pipeline("{task}", model=model, tokenizer=tokenizer)',
+        example,
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer_files() -> tuple[tuple[str, bytes], ...]:
+    """The HF tokenizer files, built once per process (building them takes about a second)."""
+    from gptforge.model.tokenizer import save_hf_tokenizer
+
+    with tempfile.TemporaryDirectory() as d:
+        save_hf_tokenizer(d)
+        return tuple((f.name, f.read_bytes()) for f in sorted(Path(d).iterdir()) if f.is_file())
+
+
+def write_tokenizer(out_dir: Path, context_length: int) -> None:
+    """GPT-2 tokenizer files, with the model's context length as the limit pipelines truncate to."""
+    for name, data in _tokenizer_files():
+        if name == "tokenizer_config.json":
+            tok_cfg = json.loads(data)
+            tok_cfg["model_max_length"] = context_length
+            data = (json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+        (out_dir / name).write_bytes(data)
+
+
+def is_nonempty_dir(p: Path) -> bool:
+    return p.exists() and (not p.is_dir() or any(p.iterdir()))
+
+
+def export(
+    model: GPT,
+    out_dir: str | os.PathLike,
+    *,
+    metrics: dict | None = None,
+    prompt_style: dict | None = None,
+    overwrite: bool = False,
+    verify: bool = True,
+) -> Path:
+    """Write a Hugging Face model dir (weights, config, tokenizer, card), verified by reloading it.
+
+    The dir is built and checked in a sibling temp dir and renamed into place only when it passed,
+    so a failed export leaves no trace and an existing dir is never half-overwritten.
+    """
+    from gptforge.model.checkpoint import atomic_dir, write_json
+    from gptforge.model.tokenizer import N_VOCAB
+
+    out = Path(out_dir)
+    if is_nonempty_dir(out) and not overwrite:
+        raise ConversionError(
+            f"{out} already exists and is not empty; pass overwrite=True (CLI: --overwrite)"
+        )
+    cfg = model.cfg
+    if cfg.num_labels and not 0 <= cfg.pad_token_id < cfg.vocab_size:
+        raise ConversionError(
+            f"model.pad_token_id={cfg.pad_token_id} is outside vocab_size={cfg.vocab_size}; a classifier "
+            "pads with it, so set pad_token_id to a token id of the vocabulary"
+        )
+    if cfg.vocab_size < N_VOCAB:
+        warnings.warn(
+            f"vocab_size={cfg.vocab_size} is smaller than the GPT-2 tokenizer's {N_VOCAB} tokens; "
+            "the exported tokenizer can produce ids the model does not have",
+            stacklevel=2,
+        )
+    hf = to_hf(model)
+
+    def write(tmp: Path) -> None:
+        hf.save_pretrained(str(tmp))
+        write_tokenizer(tmp, cfg.context_length)
+        if prompt_style:
+            write_json(tmp / "prompt_style.json", prompt_style)
+        diff = verify_export(tmp, model) if verify else None
+        (tmp / "README.md").write_text(model_card(model, metrics, prompt_style, diff), encoding="utf-8")
+
+    return atomic_dir(out, write, overwrite=True)
