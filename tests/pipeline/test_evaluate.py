@@ -13,7 +13,6 @@ from gptforge.model.gpt import GPT
 from gptforge.model.tokenizer import Tokenizer
 from gptforge.pipeline.evaluate import (
     classification_metrics,
-    extract_response,
     lm_metrics,
     normalize_text,
     response_scores,
@@ -21,6 +20,7 @@ from gptforge.pipeline.evaluate import (
     write_classification_report,
     write_lm_report,
 )
+from gptforge.tasks.instruct import extract_response
 
 STOPS = ("### Instruction:", "### Input:")
 

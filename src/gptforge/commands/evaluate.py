@@ -113,6 +113,8 @@ def evaluate(argv: list[str]) -> int:
     p.add_argument("--text-column", help="classification files: the text column")
     p.add_argument("--label-column", help="classification files: the label column")
     p.add_argument("--max-length", type=int, help="classification: truncate texts to this many tokens")
+    p.add_argument("--test-data", help="pretrain: held-out text file(s), comma-separated, scored as `test`")
+    p.add_argument("--prompt-style", help="instruct: override the checkpoint's prompt style (alpaca, phi3)")
     p.add_argument(
         "--splits",
         help="comma-separated splits (default: validation,test for pretrain and "
@@ -158,9 +160,11 @@ def evaluate(argv: list[str]) -> int:
         "label_column": ns.label_column,
         "max_length": ns.max_length,
         "limit": ns.limit,
+        "test_sources": ns.test_data,
+        "prompt_style": ns.prompt_style,
     }
     data = {k: v for k, v in data.items() if v is not None}
-    out = Path(ns.out or Path("eval") / Path(ns.checkpoint).resolve().name)
+    out = Path(ns.out or Path("eval") / "-".join(Path(ns.checkpoint).resolve().parts[-2:]))
     metrics = evaluate_checkpoint(
         ns.task,
         ns.checkpoint,

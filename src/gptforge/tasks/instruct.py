@@ -269,3 +269,47 @@ class InstructionCollator:
 
 def _as_list(x) -> list[int]:
     return x.tolist() if isinstance(x, torch.Tensor) else list(x)
+
+
+# -- response extraction (evaluation) --------------------------------------------------------------------
+RESPONSE_HEADER = "### Response:"
+
+
+def extract_response(
+    token_ids: Sequence[int],
+    tokenizer,
+    *,
+    prompt_ids: Sequence[int] | None = None,
+    eos_token_id: int | None = EOT_ID,
+    stop_strings: Sequence[str] = (),
+    response_header: str = RESPONSE_HEADER,
+) -> str:
+    """The model's answer in generated token ids.
+
+    Drops an echoed prompt (as tokens, or as text when the model re-tokenized it), cuts at the first
+    EOS token, drops a trailing partial UTF-8 character (generation stopped mid-character), removes a
+    leading response header, cuts at the first stop string (e.g. a following "### Instruction:"),
+    removes any remaining header (as the reference does) and strips whitespace.
+    """
+    ids = [int(t) for t in token_ids]
+    prompt_text = None
+    if prompt_ids is not None:
+        p = [int(t) for t in prompt_ids]
+        if p and ids[: len(p)] == p:
+            ids = ids[len(p) :]
+        else:
+            prompt_text = tokenizer.decode(p)
+    if eos_token_id is not None and eos_token_id in ids:
+        ids = ids[: ids.index(eos_token_id)]
+    text = tokenizer.decode(ids).rstrip("\ufffd")
+    if prompt_text and text.startswith(prompt_text):
+        text = text[len(prompt_text) :]
+    text = text.lstrip()
+    if response_header and text.startswith(response_header):
+        text = text[len(response_header) :]
+    cut = min((i for i in (text.find(s) for s in stop_strings if s) if i >= 0), default=-1)
+    if cut >= 0:
+        text = text[:cut]
+    if response_header:
+        text = text.replace(response_header, "")
+    return text.strip()
