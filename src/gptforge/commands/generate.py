@@ -1,0 +1,226 @@
+"""`gptforge info` and `gptforge generate`. torch is imported inside the functions so the CLI starts fast."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from gptforge.errors import CheckpointError, ConfigError
+
+GIB = 1024**3
+
+
+# -- info --------------------------------------------------------------------------------------------
+def describe_config(cfg) -> dict:
+    """Parameter counts and training memory of a config, from a weightless (meta) model: exact, no RAM."""
+    import torch
+
+    from gptforge.model.gpt import GPT
+
+    with torch.device("meta"):
+        model = GPT(cfg)
+    return {
+        "n_layers": cfg.n_layers,
+        "n_heads": cfg.n_heads,
+        "emb_dim": cfg.emb_dim,
+        "context_length": cfg.context_length,
+        "vocab_size": cfg.vocab_size,
+        "tie_embeddings": cfg.tie_embeddings,
+        "num_labels": cfg.num_labels,
+        "params": model.num_parameters(),
+        "params_counting_tied_head": model.num_parameters(count_tied_head=True),
+        # weights + gradients + AdamW's two moments, every tensor in the named dtype
+        "train_memory_bytes": {
+            "fp32": model.memory_footprint(torch.float32)["total"],
+            "bf16": model.memory_footprint(torch.bfloat16)["total"],
+        },
+    }
+
+
+def _checkpoint_info(path: Path) -> dict:
+    """What a checkpoint dir holds; its tensors are checked against config.json from the file header only."""
+    import torch
+    from safetensors import safe_open
+
+    from gptforge.model.checkpoint import CONFIG, WEIGHTS, _read_json, state_dict_for_save
+    from gptforge.model.config import GPTConfig
+    from gptforge.model.gpt import GPT
+
+    if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
+        raise CheckpointError(f"{path}: not a gptforge checkpoint (needs {CONFIG} and {WEIGHTS})")
+    cfg = GPTConfig.from_dict(_read_json(path / CONFIG))
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in state_dict_for_save(GPT(cfg)).items()}
+    try:
+        with safe_open(str(path / WEIGHTS), framework="pt") as f:
+            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            names = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+            dtypes = sorted({names.get(d, d) for d in (str(f.get_slice(k).get_dtype()) for k in f.keys())})
+    except Exception as e:  # safetensors raises its own error types for a damaged header
+        raise CheckpointError(
+            f"{path / WEIGHTS}: cannot read the safetensors header ({e}); re-save it"
+        ) from None
+    if stored != expected:
+        bad = sorted(k for k in set(stored) | set(expected) if stored.get(k) != expected.get(k))
+        raise CheckpointError(
+            f"{path / WEIGHTS}: tensors do not match {path / CONFIG} (first differences: {bad[:3]}); "
+            "the checkpoint is damaged or its config was edited"
+        )
+    info = {"path": str(path), **describe_config(cfg)}
+    info["stored_dtypes"] = dtypes
+    info["size_bytes"] = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    info["files"] = sorted(f.name for f in path.iterdir() if f.is_file())
+    for name in ("labels.json", "prompt_style.json"):
+        if (path / name).is_file():
+            info[name.removesuffix(".json")] = _read_json(path / name)
+    return info
+
+
+def _fmt_row(name: str, d: dict) -> str:
+    mem = d["train_memory_bytes"]
+    return (
+        f"{name:<12} {d['n_layers']:>3} {d['n_heads']:>3} {d['emb_dim']:>5} {d['context_length']:>5} "
+        f"{d['params']:>14,} {d['params_counting_tied_head']:>14,} "
+        f"{mem['fp32'] / GIB:>9.2f} {mem['bf16'] / GIB:>9.2f}"
+    )
+
+
+HEADER = (
+    f"{'model':<12} {'L':>3} {'H':>3} {'emb':>5} {'ctx':>5} {'params':>14} {'+tied head':>14} "
+    f"{'fp32 GiB':>9} {'bf16 GiB':>9}"
+)
+
+
+def info(argv: list[str]) -> int:
+    """Presets (or one preset, or a checkpoint dir): sizes and the memory training them needs."""
+    p = argparse.ArgumentParser(
+        prog="gptforge info",
+        description="Model presets with parameter counts and training memory (weights + gradients + "
+        "AdamW's two moments, all in fp32 or all in bf16; activations not included), or the same for "
+        "one preset or a gptforge checkpoint directory.",
+    )
+    p.add_argument("target", nargs="?", help="a preset name or a checkpoint directory (default: all presets)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = p.parse_args(argv)
+
+    from gptforge.model.config import PRESETS, GPTConfig
+
+    if args.target is None:
+        rows = {name: describe_config(GPTConfig.from_preset(name)) for name in PRESETS}
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            print(HEADER)
+            for name, d in rows.items():
+                print(_fmt_row(name, d))
+            print("params: unique weights; +tied head: counting the tied LM head again (the book's 163M).")
+            print("memory: weights + gradients + AdamW moments for training; activations come on top.")
+        return 0
+
+    path = Path(args.target)
+    if path.is_dir():
+        d = _checkpoint_info(path)
+    elif args.target in PRESETS:
+        d = {"preset": args.target, **describe_config(GPTConfig.from_preset(args.target))}
+    else:
+        import difflib
+
+        close = difflib.get_close_matches(args.target, PRESETS, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"presets: {', '.join(PRESETS)}"
+        raise ConfigError(f"{args.target!r} is neither a checkpoint directory nor a model preset; {hint}")
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    print(HEADER)
+    print(_fmt_row(d.get("preset", path.name), d))
+    if "path" in d:
+        print(
+            f"path: {d['path']}  ({d['size_bytes'] / 2**20:.1f} MiB on disk, weights {', '.join(d['stored_dtypes'])})"
+        )
+        print(f"files: {', '.join(d['files'])}")
+        if "labels" in d:
+            print(f"classifier labels: {d['labels'].get('id2label')}")
+        if "prompt_style" in d:
+            print(f"prompt style: {d['prompt_style'].get('name', d['prompt_style'])}")
+    return 0
+
+
+# -- generate ----------------------------------------------------------------------------------------
+def generate(argv: list[str]) -> int:
+    """Continue one or more prompts with a gptforge checkpoint; prints the continuation of each."""
+    p = argparse.ArgumentParser(
+        prog="gptforge generate",
+        description="Generate text from a gptforge checkpoint directory. Greedy unless --temperature > 0.",
+    )
+    p.add_argument("checkpoint", help="gptforge checkpoint directory (config.json + model.safetensors)")
+    p.add_argument(
+        "prompts", nargs="+", metavar="PROMPT", help="prompt text; several prompts run as one batch"
+    )
+    p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible output)")
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--no-eos", action="store_true", help="do not stop at <|endoftext|>")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole window each step (slow)")
+    p.add_argument("--batch-size", type=int, default=None, help="prompts per batch (default: all at once)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--echo", action="store_true", help="print the prompt before its continuation")
+    p.add_argument("--json", action="store_true", help="one JSON line per prompt: prompt, completion")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from gptforge.model.checkpoint import load_checkpoint, read_metadata
+    from gptforge.model.generate import generate_text
+    from gptforge.model.tokenizer import Tokenizer
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(
+            f"--device {args.device!r} is not a torch device; use cpu, cuda or cuda:N"
+        ) from None
+    model = load_checkpoint(args.checkpoint, device=device)
+    if model.is_classifier:
+        raise CheckpointError(
+            f"{args.checkpoint} is a classifier (num_labels={model.cfg.num_labels}); generate needs a "
+            "language-model checkpoint"
+        )
+    style = read_metadata(args.checkpoint, "prompt_style.json")
+    if style is not None:
+        print(
+            f"note: {args.checkpoint} was instruction-tuned with prompt style {style.get('name', style)!r}; "
+            "the prompt is used exactly as given",
+            file=sys.stderr,
+        )
+    generator = None
+    if args.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+    tokenizer = Tokenizer()
+    texts = generate_text(
+        model,
+        tokenizer,
+        args.prompts,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        eos_token_id=None if args.no_eos else model.cfg.eos_token_id,
+        stop_strings=args.stop,
+        use_cache=not args.no_cache,
+        generator=generator,
+        batch_size=args.batch_size,
+    )
+    for i, (prompt, text) in enumerate(zip(args.prompts, texts)):
+        if args.json:
+            print(json.dumps({"prompt": prompt, "completion": text}, ensure_ascii=False))
+            continue
+        if i:
+            print()
+        print(prompt + text if args.echo else text)
+    return 0
