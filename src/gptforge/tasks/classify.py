@@ -18,7 +18,7 @@ import torch
 
 from gptforge.errors import DataError
 from gptforge.model.tokenizer import EOT_ID
-from gptforge.tasks.sources import check_utf8, column_values, load_any, resolve
+from gptforge.tasks.sources import check_utf8, column_values, load_any, map_fingerprint, resolve
 
 log = logging.getLogger(__name__)
 
@@ -392,7 +392,7 @@ def tokenize_classification(dsd, max_length: int | None, tokenizer=None, return_
             with_indices=True,
             fn_kwargs={"split": split},
             features=feats,
-            new_fingerprint=_fingerprint(ds, "classify-tokens-v1", max_length, tok),
+            new_fingerprint=map_fingerprint(ds, "classify-tokens-v1", max_length, tok),
             desc=f"tokenize {split}",
         )
         counts[split] = int(sum(column_values(mapped, "_truncated")))
@@ -407,15 +407,6 @@ def tokenize_classification(dsd, max_length: int | None, tokenizer=None, return_
             )
     dsd = DatasetDict(out)
     return (dsd, counts) if return_truncated else dsd
-
-
-def _fingerprint(ds, *parts) -> str:
-    """A stable fingerprint for a map whose function (a closure over a tokenizer) cannot be hashed."""
-    from datasets.fingerprint import Hasher
-
-    tok = parts[-1]
-    name = getattr(getattr(tok, "enc", None), "name", None) or type(tok).__name__
-    return Hasher.hash([ds._fingerprint, *parts[:-1], name])
 
 
 def longest_length(ds) -> int:

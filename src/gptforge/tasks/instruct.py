@@ -16,7 +16,7 @@ import torch
 
 from gptforge.errors import DataError
 from gptforge.model.tokenizer import EOT, EOT_ID
-from gptforge.tasks.sources import column_values, read_json_records, resolve
+from gptforge.tasks.sources import column_values, map_fingerprint, read_json_records, resolve
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,6 @@ def tokenize_instruction(
     from datasets import DatasetDict, Sequence, Value
 
     from gptforge.model.tokenizer import Tokenizer
-    from gptforge.tasks.classify import _fingerprint
 
     style = get_prompt_style(style)
     if max_length is not None and max_length < 1:
@@ -200,7 +199,7 @@ def tokenize_instruction(
             encode,
             batched=True,
             features=feats,
-            new_fingerprint=_fingerprint(ds, "instruct-tokens-v1", style.to_dict(), max_length, tok),
+            new_fingerprint=map_fingerprint(ds, "instruct-tokens-v1", style.to_dict(), max_length, tok),
             desc=f"tokenize {split}",
         )
         counts[split] = int(sum(column_values(mapped, "_cut")))

@@ -20,19 +20,13 @@ import torch
 
 from gptforge.errors import DataError
 from gptforge.model.tokenizer import EOT_ID
-from gptforge.tasks.sources import REGISTRY, check_utf8, is_saved_dataset, load_any, resolve
+from gptforge.tasks.sources import REGISTRY, check_utf8, is_saved_dataset, load_any, quiet_datasets, resolve
 
 log = logging.getLogger(__name__)
 
 TOKENIZE_VERSION = "pretrain-tokens-v1"
 PACK_VERSION = "pretrain-pack-v1"
 TEXT_FILE_GLOBS = ("*.txt", "*.md")
-
-
-def _quiet():
-    from gptforge.tasks.sources import _quiet_datasets
-
-    return _quiet_datasets()
 
 
 def _text_files(source: str) -> list[Path] | None:
@@ -70,7 +64,7 @@ def _documents(source: Any, text_column: str, cache_dir: str | None):
             check_utf8(f)
             if f.stat().st_size == 0:
                 log.warning("%s is empty; it adds no text", f)
-        with _quiet():
+        with quiet_datasets():
             try:
                 ds = datasets.load_dataset(
                     "text", data_files=[str(f) for f in files], sample_by="document", cache_dir=cache_dir

@@ -23,6 +23,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from gptforge.errors import DataError
 
@@ -379,7 +380,7 @@ def load_any(
             if column_names is not None:
                 kwargs |= {"column_names": list(column_names), "header": None}
         builder = "csv" if kind in ("csv", "tsv") else kind
-        with _quiet_datasets():
+        with quiet_datasets():
             try:
                 dsd = datasets.load_dataset(
                     builder, data_files=str(p), cache_dir=str(cache_dir) if cache_dir else None, **kwargs
@@ -394,7 +395,7 @@ def load_any(
     if kind is not None or p.is_absolute() or str(path).startswith((".", "~")):
         raise DataError(f"{p}: no such file; fix the path")
     # Not a local path: try it as a Hugging Face hub data set id.
-    with _quiet_datasets():
+    with quiet_datasets():
         try:
             return datasets.load_dataset(str(path), cache_dir=str(cache_dir) if cache_dir else None)
         except Exception as e:
@@ -404,7 +405,7 @@ def load_any(
             ) from None
 
 
-class _quiet_datasets:
+class quiet_datasets:
     """Silence datasets' own error log while we turn its exceptions into one-line DataErrors."""
 
     def __enter__(self):
@@ -424,3 +425,22 @@ def column_values(ds, name: str) -> list:
     if len(ds) == 0:
         return []
     return ds.select_columns([name])[:][name]
+
+
+def map_fingerprint(ds, *parts: Any) -> str:
+    """A stable fingerprint for a `Dataset.map` whose function (a closure over a tokenizer) cannot be
+    hashed: the input's fingerprint plus the settings that change the output. The last part may be the
+    tokenizer, named by its encoding."""
+    from datasets.fingerprint import Hasher, generate_random_fingerprint
+
+    *settings, tok = parts
+    from gptforge.model.tokenizer import Tokenizer
+
+    if isinstance(tok, Tokenizer):
+        name = tok.enc.name
+    else:
+        try:  # another tokenizer: its own hash, or no reuse at all rather than a wrong cache hit
+            name = Hasher.hash(tok)
+        except Exception:
+            return generate_random_fingerprint()
+    return Hasher.hash([ds._fingerprint, *settings, name])
