@@ -83,7 +83,7 @@ class LoRAConfig:
     r: int = 0
     alpha: float = 16.0
     dropout: float = 0.0
-    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    targets: list[str] | str = field(default_factory=lambda: list(DEFAULT_TARGETS))  # "a,b" works too
 
     def __post_init__(self) -> None:
         self.validate()

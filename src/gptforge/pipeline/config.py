@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gptforge.errors import ConfigError
+from gptforge.model.lora import LoRAConfig
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -229,6 +230,8 @@ class ClassifyConfig:
     train: ClassifyTrainConfig = field(default_factory=ClassifyTrainConfig)
     trainable: str = "last_blocks:1"
     """What is trained: all, head, or last_blocks:N (the last N blocks + final LayerNorm + head)."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """LoRA adapters (lora.r > 0 turns them on and replaces `trainable`: base frozen, adapters + head train)."""
 
 
 @dataclass
@@ -238,6 +241,8 @@ class InstructConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(init="gpt2"))
     data: InstructDataConfig = field(default_factory=InstructDataConfig)
     train: InstructTrainConfig = field(default_factory=InstructTrainConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """LoRA adapters (lora.r > 0 turns them on: base frozen, only the adapters train)."""
 
 
 TASK_CONFIGS: dict[str, type] = {
@@ -272,6 +277,13 @@ def validate(cfg: Any) -> Any:
         v = getattr(m, name)
         if v is not None and v < 1:
             raise ConfigError(f"model.{name}={v} must be >= 1")
+    lora = getattr(cfg, "lora", None)
+    if lora is not None:
+        lora.validate()
+        if lora.enabled and m.init == "scratch":
+            raise ConfigError(
+                "lora.r > 0 needs a pretrained base: set model.init (e.g. gpt2 or a checkpoint dir)"
+            )
     if isinstance(cfg, ClassifyConfig):
         parse_trainable(cfg.trainable)
         if cfg.data.limit is not None and cfg.data.limit < 1:

@@ -15,6 +15,7 @@ from gptforge.errors import ConfigError
 from gptforge.model.checkpoint import is_checkpoint, load_checkpoint
 from gptforge.model.config import GPTConfig
 from gptforge.model.gpt import GPT
+from gptforge.model.lora import apply_lora, count_parameters
 from gptforge.pipeline.config import (
     ClassifyConfig,
     InstructConfig,
@@ -152,7 +153,10 @@ def run_classify(cfg: ClassifyConfig) -> RunResult:
     id2label = dict(enumerate(names))
     if not (model.is_classifier and model.cfg.id2label == id2label):
         model.add_classification_head(len(names), id2label)
-    n_train = set_trainable(model, cfg.trainable)
+    if cfg.lora.enabled:
+        n_train = count_parameters(apply_lora(model, cfg.lora))[0]  # base frozen; adapters + head train
+    else:
+        n_train = set_trainable(model, cfg.trainable)
     collate = ClassificationCollator(pad_token_id=model.cfg.pad_token_id, max_length=max_len)
     run_config = _run_config("classify", cfg, model)
     run_config.update(labels=names, max_length=max_len, trainable_parameters=n_train)
@@ -187,6 +191,8 @@ def run_instruct(cfg: InstructConfig) -> RunResult:
         raise ConfigError(
             f"model.init={cfg.model.init} is a classifier; instruction tuning needs a language model"
         )
+    if cfg.lora.enabled:
+        apply_lora(model, cfg.lora)
     max_len = _check_context("data.max_length", d.max_length or model.cfg.context_length, model)
     columns = {
         src: dst

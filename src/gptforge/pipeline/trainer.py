@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from gptforge.errors import ConfigError, TrainingError
 from gptforge.model.checkpoint import atomic_dir, save_checkpoint, write_json
 from gptforge.model.gpt import GPT
+from gptforge.model.lora import describe_trainable, lora_config, register_adapter_checkpointing, save_adapter
 from gptforge.pipeline.config import TrainConfig
 
 CHECKPOINTS = "checkpoints"
@@ -91,7 +92,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             if not p.requires_grad or id(p) in seen:
                 continue
             seen.add(id(p))
-            is_matrix = isinstance(module, nn.Linear) and name == "weight"
+            is_matrix = isinstance(module, nn.Linear) and name in ("weight", "lora_A", "lora_B")
             (decay if is_matrix and weight_decay > 0 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
@@ -281,6 +282,7 @@ class Trainer:
         self.kind = kind
         self.out_dir = Path(cfg.out_dir)
         self.accelerator = make_accelerator(cfg)
+        register_adapter_checkpointing(self.accelerator)  # LoRA: resumable checkpoints hold only the adapter
         set_seed(cfg.seed)
         self._signal: int | None = None
 
@@ -344,6 +346,8 @@ class Trainer:
         train_loader = self._loader(train_dataset, collate_fn, shuffle=True, drop_last=cfg.drop_last)
         val_loader = self._loader(val_dataset, collate_fn) if val_dataset is not None else None
         self._collate = collate_fn
+        if self.is_main:
+            print(describe_trainable(model), file=sys.stderr)
         optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
         if val_loader is not None:
             model, optimizer, train_loader, val_loader = acc.prepare(
@@ -742,7 +746,13 @@ class Trainer:
                 print(f"warning: could not plot losses: {e}", file=sys.stderr)
 
             def write(tmp: Path) -> None:
-                save_checkpoint(model, tmp, metadata={"run.json": run, **self.metadata})
+                meta = {"run.json": run, **self.metadata}
+                if lora_config(model) is not None:  # adapter + head only; the frozen base stays where it was
+                    save_adapter(
+                        model, tmp, base=(self.run_config.get("model") or {}).get("init"), metadata=meta
+                    )
+                else:
+                    save_checkpoint(model, tmp, metadata=meta)
                 shutil.copyfile(self.out_dir / METRICS, tmp / METRICS)
                 if (self.out_dir / LOSS_PNG).is_file():
                     shutil.copyfile(self.out_dir / LOSS_PNG, tmp / LOSS_PNG)
