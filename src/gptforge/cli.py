@@ -10,6 +10,7 @@ import sys
 
 # verb -> (module:function, one-line help). Modules are imported only when their verb runs.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("gptforge.commands.run:run", "run a pipeline YAML: pretrain -> classify -> instruct -> evaluate -> export"),
     "info": ("gptforge.commands.generate:info", "presets, parameter counts and memory"),
     "convert": ("gptforge.commands.model:convert", "convert Hugging Face GPT-2 <-> gptforge checkpoints"),
     "export": ("gptforge.commands.model:export", "export a gptforge checkpoint as a verified Hugging Face dir"),

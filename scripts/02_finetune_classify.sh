@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Stage "classify" of a pipeline: `scripts/02_finetune_classify.sh [PIPELINE.yaml] [gptforge run options]`.
+# Skips the stage when it is up to date, resumes it when it was interrupted (add --force to rerun).
+# Several GPUs: LAUNCH="accelerate launch --multi_gpu --num_processes 4 -m gptforge.cli" scripts/02_finetune_classify.sh CONFIG
+# (two CPU processes: LAUNCH="torchrun --nproc_per_node 2 -m gptforge.cli").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+config=${1:-configs/default.yaml}; shift || true
+${LAUNCH:-${GPTFORGE:-gptforge}} run "$config" --only classify "$@"

@@ -1,0 +1,65 @@
+"""`gptforge run PIPELINE.yaml`: the whole staged pipeline, with skip/resume and a summary."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def run(argv: list[str]) -> int:
+    from gptforge.pipeline.runner import STAGES
+
+    parser = argparse.ArgumentParser(
+        prog="gptforge run",
+        description="Run a pipeline's stages (pretrain -> classify -> instruct -> evaluate -> export). "
+        "A re-run skips finished stages whose config and inputs are unchanged and resumes interrupted ones.",
+    )
+    parser.add_argument("pipeline", help="pipeline YAML, e.g. configs/default.yaml")
+    parser.add_argument("--from", dest="from_stage", choices=STAGES, help="rerun this stage and all after it")
+    parser.add_argument(
+        "--only",
+        choices=STAGES,
+        help="consider only this stage (skipped if up to date; add --force to rerun it)",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="rerun every stage considered, even when up to date"
+    )
+    parser.add_argument("--name", help="run name (default: the file's `name:` or its stem)")
+    parser.add_argument("--runs-dir", help="where run dirs go (default: the file's `runs_dir:` or runs/)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set classify.train.epochs=3 (repeatable)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        default=os.environ.get("GPTFORGE_QUICK") == "1",
+        help="apply the file's `quick:` overrides: a short run of the same graph (or GPTFORGE_QUICK=1)",
+    )
+    parser.add_argument(
+        "--print-config", action="store_true", help="print each stage's resolved config and exit"
+    )
+    args = parser.parse_args(argv)
+
+    from gptforge.pipeline.runner import load_pipeline, print_summary, run_pipeline, stage_config
+
+    pipe = load_pipeline(
+        args.pipeline, args.overrides, quick=args.quick, name=args.name, runs_dir=args.runs_dir
+    )
+    if args.print_config:
+        import dataclasses
+
+        import yaml
+
+        for stage in pipe.stages:
+            cfg = stage_config(pipe, stage, check_only=True)
+            body = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg
+            print(yaml.safe_dump({stage: body}, sort_keys=False), end="")
+        return 0
+    results = run_pipeline(pipe, from_stage=args.from_stage, only=args.only, force=args.force)
+    print_summary(results, pipe)
+    return 0
