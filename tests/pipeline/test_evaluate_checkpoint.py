@@ -215,3 +215,38 @@ def test_pretrain_checkpoint(lm_dir, tmp_path):
         assert m["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
     report = (out / "report.md").read_text()
     assert f"| validation | {metrics['splits']['validation']['loss']:.4f} |" in report
+
+
+def test_classify_uses_the_training_run_config(tmp_path):
+    """Data, split seed, limit and truncation come from run.json, so test examples stay the held-out ones."""
+    from gptforge.model.checkpoint import load_checkpoint
+    from gptforge.tasks.classify import load_classification_data
+
+    path = tmp_path / "d.csv"
+    lines = ["text,label"] + [
+        f"{WORDS[i % len(WORDS)]} message number {i},{'b' if i % 2 else 'a'}" for i in range(30)
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    torch.manual_seed(3)
+    model = GPT(GPTConfig.from_preset("test-tiny"))
+    model.add_classification_head(2, {0: "a", 1: "b"})
+    run = {
+        "config": {
+            "task": "classify",
+            "data": {"dataset": str(path), "limit": 5},
+            "train": {"seed": 7},
+            "max_length": 2,
+        }
+    }
+    ck = save_checkpoint(model.eval(), tmp_path / "ck", metadata={"run.json": run})
+    metrics = evaluate_checkpoint(None, ck, tmp_path / "eval", progress=False)
+    expected, _ = load_classification_data(str(path), seed=7)
+    preds = [json.loads(x) for x in (tmp_path / "eval" / "predictions_test.jsonl").read_text().splitlines()]
+    assert [p["text"] for p in preds] == expected["test"]["text"][:5]
+    assert metrics["splits"]["test"]["max_length"] == 2
+    assert metrics["splits"]["test"]["truncated"] == 5  # every text is longer than 2 tokens
+    assert metrics["source"]["limit"] == "first 5 examples of each split"
+    model = load_checkpoint(ck)
+    for p in preds:
+        probs = single_probs(model, Tokenizer(), p["text"], 2)
+        assert p["predicted"] == ["a", "b"][int(probs.argmax())]

@@ -373,7 +373,7 @@ def render_report(metrics: dict) -> str:
             "",
             "ROUGE-L F1 from `rouge_score` (default tokenizer, no stemming unless stated in metrics.json). "
             "For scale: the reference's GPT-2 medium finetune reaches 0.589 mean ROUGE-L F1 and 15.5% exact "
-            "match on the same 110 test records.",
+            "match on the reference's 110 test records.",
             "",
         ]
         for split, m in splits.items():
@@ -637,8 +637,14 @@ def _data_config(ckpt_dir: str | os.PathLike, data) -> dict:
     """The data config the model was trained with (run.json), overridden by `data`."""
     from gptforge.model.checkpoint import read_metadata
 
-    run = read_metadata(ckpt_dir, "run.json") or {}
-    base = dict((run.get("config") or {}).get("data") or {})
+    run_cfg = (read_metadata(ckpt_dir, "run.json") or {}).get("config") or {}
+    base = dict(run_cfg.get("data") or {})
+    # The split seed and the classifier's effective truncation are recorded outside the data section.
+    seed = (run_cfg.get("train") or {}).get("seed")
+    if seed is not None:
+        base["seed"] = seed
+    if run_cfg.get("max_length") is not None:
+        base["max_length"] = run_cfg["max_length"]
     return {**base, **_given(data)}
 
 
@@ -657,7 +663,9 @@ def load_classification_splits(model, data: dict):
     names = label_names(model)
     dataset = data.get("dataset") or "sms_spam"
     if dataset == "sms_spam":
-        dsd = load_sms_spam(split=data.get("split") or "book", path=data.get("path"))
+        dsd = load_sms_spam(
+            split=data.get("split") or "book", path=data.get("path"), seed=data.get("seed", 123)
+        )
         data_names = dsd["train"].features["label"].names
         if len(data_names) != len(names):
             raise DataError(
@@ -670,6 +678,7 @@ def load_classification_splits(model, data: dict):
             text_column=data.get("text_column") or "text",
             label_column=data.get("label_column") or "label",
             labels=names,
+            seed=data.get("seed", 123),
         )
     return _limit(dsd, data.get("limit"))
 
@@ -745,6 +754,33 @@ def evaluate_checkpoint(
     `task` None infers it from the checkpoint. `data` (a dict or a task data config) overrides the
     data config saved in the checkpoint's run.json. `judge` is used by the instruct task only.
     """
+    import datasets
+
+    quiet = not progress and not datasets.are_progress_bars_disabled()
+    if quiet:  # the `datasets` map bars too, not only ours
+        datasets.disable_progress_bars()
+    try:
+        return _evaluate_checkpoint(
+            task,
+            ckpt_dir,
+            out_dir,
+            data,
+            judge,
+            splits,
+            batch_size,
+            max_new_tokens,
+            device,
+            use_stemmer,
+            progress,
+        )
+    finally:
+        if quiet:
+            datasets.enable_progress_bars()
+
+
+def _evaluate_checkpoint(
+    task, ckpt_dir, out_dir, data, judge, splits, batch_size, max_new_tokens, device, use_stemmer, progress
+) -> dict:
     from gptforge.model.checkpoint import load_checkpoint
 
     model = load_checkpoint(ckpt_dir)
@@ -753,6 +789,8 @@ def evaluate_checkpoint(
         raise GPTForgeError(f"task={task!r} is not one of {TASKS}")
     cfg = _data_config(ckpt_dir, data)
     source = {"checkpoint": str(ckpt_dir)}
+    if cfg.get("limit"):
+        source["limit"] = f"first {cfg['limit']} examples of each split"
     if task == "classify":
         if not model.cfg.num_labels:
             raise GPTForgeError(
@@ -838,7 +876,9 @@ def _evaluate_instruct(
         cfg[f"{k}_column"]: k for k in ("instruction", "input", "output") if cfg.get(f"{k}_column", k) != k
     }
     dsd = _limit(
-        load_instruction_data(None if dataset == "instruction" else dataset, columns=columns or None),
+        load_instruction_data(
+            None if dataset == "instruction" else dataset, columns=columns or None, seed=cfg.get("seed", 123)
+        ),
         cfg.get("limit"),
     )
     if split not in dsd or len(dsd[split]) == 0:
