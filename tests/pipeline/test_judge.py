@@ -211,6 +211,8 @@ def test_good_garbage_500_flaky(server, backend):
         "n_unparseable": 1,
         "n_failed": 1,
         "mean_score": pytest.approx(80.0),
+        "mean": pytest.approx(80.0),
+        "n": 3,
         "config": cfg.to_dict(),
     }
     body = server.requests[0]["body"]

@@ -54,6 +54,7 @@ def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], labels:
         "n": len(y_true),
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "macro": {"precision": float(mp), "recall": float(mr), "f1": float(mf)},
+        "macro_f1": float(mf),  # the headline number, flat for summaries
         "per_class": {
             name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
             for i, name in enumerate(labels)

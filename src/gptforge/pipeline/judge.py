@@ -371,6 +371,7 @@ def summarize_judgments(judgments: Sequence[dict], cfg: JudgeConfig | None = Non
         "n_failed": sum(j["status"] == "failed" for j in judgments),
         "mean_score": (sum(scores) / len(scores)) if scores else None,
     }
+    summary["mean"], summary["n"] = summary["mean_score"], summary["n_scored"]  # short names for summaries
     if cfg is not None:
         summary["config"] = cfg.to_dict()
     return summary
