@@ -66,7 +66,7 @@ def tiny_model(dropout: float = 0.0) -> GPT:
 
 
 def make_cfg(out_dir, **kw) -> TrainConfig:
-    base = dict(out_dir=str(out_dir), progress=False, lr=1e-2, seed=7, epochs=2, warmup_steps=2)
+    base = dict(out_dir=str(out_dir), progress=False, plot=False, lr=1e-2, seed=7, epochs=2, warmup_steps=2)
     return TrainConfig(**{**base, **kw})
 
 
@@ -92,7 +92,7 @@ def accum_runs(tmp_path_factory):
     with_torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        a = fit(make_cfg(root / "b8", batch_size=8, **kw))
+        a = fit(make_cfg(root / "b8", batch_size=8, plot=True, **kw))
         b = fit(make_cfg(root / "b4x2", batch_size=4, grad_accum=2, **kw))
     finally:
         torch.set_num_threads(with_torch_threads)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import sys
 
 from gptforge.errors import ConfigError
@@ -27,6 +28,8 @@ def _run(task: str, argv: list[str], prog: str) -> int:
     from gptforge.pipeline.train import train
 
     result = train(task, cfg)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate launch: report once
+        return 0
     metrics = result.metrics
     if metrics.get("status") == "interrupted":
         print(f"interrupted at step {metrics['step']}; resumable checkpoint: {result.checkpoint}")

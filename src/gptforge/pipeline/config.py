@@ -99,6 +99,8 @@ class TrainConfig:
     """Train on CPU even when a GPU is present."""
     progress: bool = True
     """Show a tqdm progress bar (main process only)."""
+    plot: bool = True
+    """Write loss.png (training and validation loss curves) at the end."""
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "grad_accum", "keep_last", "log_every"):
@@ -373,7 +375,8 @@ def _friendly(task: str, err: Exception) -> ConfigError:
         return ConfigError(f"unknown config key {bad!r}; {hint}")
     m = re.search(r'[Pp]arser key "([\w.]+)": (.*)', msg)
     if m:
-        return ConfigError(f"{m.group(1)}: {m.group(2)}")
+        detail = re.sub(r"<class '(\w+)'>", r"\1", m.group(2))
+        return ConfigError(f"{m.group(1)}: {detail}")
     return ConfigError(msg)
 
 

@@ -281,6 +281,8 @@ class Trainer:
         self.cfg = cfg
         self.kind = kind
         self.out_dir = Path(cfg.out_dir)
+        # a bad --train.resume fails now, before any data is prepared
+        self.resume_from = find_resume_checkpoint(cfg.resume, self.out_dir)
         self.accelerator = make_accelerator(cfg)
         register_adapter_checkpointing(self.accelerator)  # LoRA: resumable checkpoints hold only the adapter
         set_seed(cfg.seed)
@@ -381,9 +383,8 @@ class Trainer:
             num_processes=acc.num_processes,
             seed=cfg.seed,
         )
-        resume_from = find_resume_checkpoint(cfg.resume, self.out_dir)
-        if resume_from is not None:
-            state = self._load(resume_from)
+        if self.resume_from is not None:
+            state = self._load(self.resume_from)
         else:
             self._truncate_metrics(0)
         self.state = state
@@ -739,11 +740,11 @@ class Trainer:
         model = self._export_model()
         out = self.out_dir / FINAL
         if self.is_main:
-            records = read_metrics(self.out_dir / METRICS)
-            try:
-                plot_losses(records, self.out_dir / LOSS_PNG)
-            except Exception as e:  # a plot must never lose a trained model
-                print(f"warning: could not plot losses: {e}", file=sys.stderr)
+            if self.cfg.plot:
+                try:
+                    plot_losses(read_metrics(self.out_dir / METRICS), self.out_dir / LOSS_PNG)
+                except Exception as e:  # a plot must never lose a trained model
+                    print(f"warning: could not plot losses: {e}", file=sys.stderr)
 
             def write(tmp: Path) -> None:
                 meta = {"run.json": run, **self.metadata}
@@ -754,7 +755,7 @@ class Trainer:
                 else:
                     save_checkpoint(model, tmp, metadata=meta)
                 shutil.copyfile(self.out_dir / METRICS, tmp / METRICS)
-                if (self.out_dir / LOSS_PNG).is_file():
+                if self.cfg.plot and (self.out_dir / LOSS_PNG).is_file():
                     shutil.copyfile(self.out_dir / LOSS_PNG, tmp / LOSS_PNG)
 
             atomic_dir(out, write)
