@@ -107,6 +107,9 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """GPT-2. `forward` returns LM logits (B, T, V), or class logits (B, num_labels) for a classifier."""
 
+    # FSDP (through Accelerate's TRANSFORMER_BASED_WRAP) shards one Block at a time.
+    _no_split_modules = ["Block"]
+
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -138,6 +141,13 @@ class GPT(nn.Module):
         for block in self.blocks:
             nn.init.normal_(block.attn.proj.weight, mean=0.0, std=std)
             nn.init.normal_(block.mlp.proj.weight, mean=0.0, std=std)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        """Token embedding (tied to the LM head when cfg.tie_embeddings): what sharding tools keep whole."""
+        return self.tok_emb
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
 
     @property
     def is_classifier(self) -> bool:
