@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from gptforge.errors import ConfigError
-from gptforge.model.checkpoint import load_checkpoint, save_checkpoint
+from gptforge.model.checkpoint import is_checkpoint, load_checkpoint, save_checkpoint
 from gptforge.model.config import GPTConfig
 from gptforge.model.gpt import GPT
 from gptforge.model.lora import is_adapter, load_adapter, lora_modules, merge_lora
@@ -114,6 +114,13 @@ def test_lora_classify_run_saves_adapters_and_resumes_exactly(setup, tmp_path, c
         before = trained(x)
         after = merge_lora(trained)(x)
     torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
+
+    # evaluate / generate / export / the runner load a LoRA run's final dir like any checkpoint: merged.
+    assert is_checkpoint(final)
+    loaded = load_checkpoint(final)
+    assert not lora_modules(loaded) and loaded.is_classifier
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), before, atol=1e-5, rtol=0)
 
 
 def test_lora_needs_a_pretrained_base():

@@ -104,7 +104,10 @@ def save_checkpoint(
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
+    """A gptforge checkpoint dir, or a LoRA adapter dir (which `load_checkpoint` merges onto its base)."""
     p = Path(path)
+    if (p / "adapter.json").is_file():
+        return True
     return (p / CONFIG).is_file() and (p / WEIGHTS).is_file() and "emb_dim" in _read_json(p / CONFIG)
 
 
@@ -116,10 +119,18 @@ def _read_json(path: Path) -> dict:
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> GPT:
-    """Load a gptforge checkpoint directory in one call."""
+    """Load a gptforge checkpoint directory in one call.
+
+    A LoRA run's adapter dir (adapter.json) loads onto the base it records and comes back merged: a
+    plain GPT that evaluates, generates and exports like any other.
+    """
     from safetensors.torch import load_file
 
     p = Path(path)
+    if (p / "adapter.json").is_file():
+        from gptforge.model.lora import load_adapter, merge_lora
+
+        return merge_lora(load_adapter(p, device=device)).eval()
     if not (p / CONFIG).is_file() or not (p / WEIGHTS).is_file():
         raise CheckpointError(
             f"{p}: not a gptforge checkpoint (needs {CONFIG} and {WEIGHTS}); "
