@@ -292,3 +292,16 @@ def test_cli_judge_end_to_end_never_writes_the_key(server, monkeypatch, tmp_path
     monkeypatch.delenv("GPTFORGE_TEST_JUDGE_KEY")
     assert main(argv + ["--out", str(tmp_path / "again")]) == 2
     assert "GPTFORGE_TEST_JUDGE_KEY: the environment variable is not set" in capsys.readouterr().err
+
+
+def test_cli_template_file(server, tmp_path):
+    from gptforge.cli import main
+
+    (tmp_path / "t.txt").write_text("Rate `{model_response}` against `{output}` for: {instruction}")
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(records("GOOD")))
+    argv = ["evaluate", "--responses", str(path), "--out", str(tmp_path / "e"), "--no-progress"]
+    assert main(argv + ["--judge.url", server.url, "--judge.template-file", str(tmp_path / "t.txt")]) == 0
+    assert server.requests[0]["body"]["messages"][0]["content"] == "Rate `GOOD` against `ref` for: Task 0"
+    (tmp_path / "bad.txt").write_text("Rate {answer}")
+    assert main(argv + ["--judge.url", server.url, "--judge.template-file", str(tmp_path / "bad.txt")]) == 2

@@ -42,10 +42,9 @@ def add_judge_arguments(parser: argparse.ArgumentParser) -> None:
         "--judge", action="store_true", help="judge with the defaults (Ollama llama3 on localhost)"
     )
     for flag, (_, typ, help_) in JUDGE_FIELDS.items():
-        dest = "judge__" + flag.replace("-", "_")
-        g.add_argument(
-            f"--judge.{flag}", f"--judge.{flag.replace('-', '_')}", dest=dest, type=typ, help=help_
-        )
+        under = flag.replace("-", "_")
+        names = [f"--judge.{flag}"] + ([f"--judge.{under}"] if under != flag else [])
+        g.add_argument(*names, dest="judge__" + under, type=typ, metavar=under.upper(), help=help_)
 
 
 def judge_config_from_args(ns: argparse.Namespace):
