@@ -14,7 +14,10 @@ import platform
 import torch
 import torch.nn.functional as F
 
+from gptforge.errors import ConfigError
+
 IGNORE_INDEX = -100
+PRECISIONS = ("bf16", "fp16", "no")
 # Elements of one slice of logits (fp32): 2**23 is 32 MB, small enough to stay cheap, large enough
 # that the slice matmuls run at full speed.
 CHUNK_ELEMENTS = 1 << 23
@@ -64,6 +67,10 @@ def best_precision(device: str | torch.device | None = None) -> str:
     """
     forced = os.environ.get("GPTFORGE_PRECISION")
     if forced:
+        if forced not in PRECISIONS:
+            raise ConfigError(
+                f"GPTFORGE_PRECISION={forced!r}: use one of {', '.join(PRECISIONS)} or unset it"
+            )
         return forced
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if dev.type == "cuda":

@@ -1,0 +1,127 @@
+"""The fast paths equal the plain ones: chunked cross-entropy (values and gradients) and precision choice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gptforge.errors import ConfigError
+from gptforge.model import perf
+from gptforge.model.config import GPTConfig
+from gptforge.model.gpt import GPT, lm_loss
+from gptforge.model.perf import best_precision, fused_linear_cross_entropy
+
+
+def _plain(h, w, t, reduction="mean"):
+    logits = F.linear(h, w).float()
+    return F.cross_entropy(logits.view(-1, logits.shape[-1]), t.reshape(-1), reduction=reduction)
+
+
+def _case(n_ignored: int = 7):
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(3, 29, 24, generator=g, dtype=torch.float64).float().requires_grad_()
+    w = (0.3 * torch.randn(211, 24, generator=g)).requires_grad_()
+    t = torch.randint(0, 211, (3, 29), generator=g)
+    t.view(-1)[torch.randperm(t.numel(), generator=g)[:n_ignored]] = -100
+    return h, w, t
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("chunk_rows", [1, 10, 87, 1000])  # one row, uneven slices, exactly all, one slice
+def test_fused_ce_equals_full_ce(reduction, chunk_rows):
+    h, w, t = _case()
+    ref = _plain(h, w, t, reduction)
+    ref_gh, ref_gw = torch.autograd.grad(ref * 1.7, (h, w))
+    out = fused_linear_cross_entropy(h, w, t, reduction, chunk_elements=chunk_rows * w.shape[0])
+    gh, gw = torch.autograd.grad(out * 1.7, (h, w))
+    scale = 1.0 if reduction == "mean" else t.numel()
+    assert out.shape == ref.shape == ()
+    torch.testing.assert_close(out, ref, atol=1e-6 * scale, rtol=1e-6)
+    torch.testing.assert_close(gh, ref_gh, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(gw, ref_gw, atol=1e-6, rtol=1e-5)
+    assert (gh.view(-1, 24)[t.view(-1) == -100] == 0).all()  # ignored rows get no gradient
+
+
+def test_fused_ce_frozen_weight_and_no_grad():
+    h, w, t = _case()
+    w = w.detach()  # a frozen head (LoRA): only h needs a gradient, and only h gets one
+    ref = _plain(h, w, t)
+    (ref_gh,) = torch.autograd.grad(ref, (h,))
+    out = fused_linear_cross_entropy(h, w, t, chunk_elements=5 * w.shape[0])
+    (gh,) = torch.autograd.grad(out, (h,))
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(gh, ref_gh, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():  # evaluation: chunked, no gradients computed
+        ev = fused_linear_cross_entropy(h, w, t, chunk_elements=5 * w.shape[0])
+    assert not ev.requires_grad
+    torch.testing.assert_close(ev, ref.detach(), atol=1e-6, rtol=1e-6)
+
+
+def test_fused_ce_none_reduction_and_all_ignored():
+    h, w, t = _case()
+    per_token = fused_linear_cross_entropy(h, w, t, "none")
+    torch.testing.assert_close(per_token, _plain(h, w, t, "none"))
+    assert per_token.shape == (t.numel(),)
+    t_all = torch.full_like(t, -100)
+    assert torch.isnan(fused_linear_cross_entropy(h, w, t_all)) == torch.isnan(_plain(h, w, t_all))
+    assert fused_linear_cross_entropy(h, w, t_all, "sum").item() == 0.0
+
+
+def test_gpt_loss_and_grads_equal_plain_head():
+    """The model's training loss (fused) equals logits -> cross-entropy, gradients included (tied head)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("test-tiny", vocab_size=97))
+    x = torch.randint(0, 97, (2, 16))
+    t = torch.cat([x[:, 1:], torch.full((2, 1), -100)], dim=1)
+    loss = model(x, targets=t)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    ref = F.cross_entropy(model(x).view(-1, 97), t.view(-1))
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()))
+    torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-5)
+    h = model.hidden_states(x)
+    torch.testing.assert_close(
+        lm_loss(h, model.lm_head.weight, t, "sum"), ref * (t != -100).sum(), rtol=1e-6, atol=1e-5
+    )
+
+
+def test_fused_ce_under_bf16_autocast_close_to_plain():
+    h, w, t = _case(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = _plain(h, w, t)
+        out = fused_linear_cross_entropy(h, w, t, chunk_elements=10 * w.shape[0])
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+    (gh,) = torch.autograd.grad(out, (h,))
+    assert gh.dtype == h.dtype and torch.isfinite(gh).all()
+
+
+def test_best_precision(monkeypatch):
+    monkeypatch.delenv("GPTFORGE_PRECISION", raising=False)
+    perf.cpu_has_native_bf16.cache_clear()
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(perf, "_cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert best_precision("cpu") == "no"
+    perf.cpu_has_native_bf16.cache_clear()
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert best_precision(torch.device("cpu")) == "bf16"
+    perf.cpu_has_native_bf16.cache_clear()
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(perf, "_cpu_flags", lambda: frozenset({"amx_bf16"}))
+    assert best_precision("cpu") == (
+        "bf16" if perf.platform.machine().lower() in ("x86_64", "amd64") else "no"
+    )
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert best_precision("cuda") == "fp16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert best_precision("cuda:0") == "bf16"
+    monkeypatch.setenv("GPTFORGE_PRECISION", "no")
+    assert best_precision("cuda") == "no"
+    monkeypatch.setenv("GPTFORGE_PRECISION", "fp8")
+    with pytest.raises(ConfigError, match="GPTFORGE_PRECISION"):
+        best_precision("cpu")
+    perf.cpu_has_native_bf16.cache_clear()
