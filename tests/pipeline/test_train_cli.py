@@ -39,6 +39,13 @@ def test_print_config_merges_yaml_and_overrides(tmp_path, capsys):
     assert cfg.train.lr == 2e-4 and cfg.model.preset == "test-tiny"
 
 
+def test_resume_flag_is_short_for_train_resume():
+    assert parse_config("pretrain", ["--resume", "auto"])[0].train.resume == "auto"
+    assert parse_config("instruct", ["--resume=runs/x/checkpoints/step-00000004"])[0].train.resume.endswith(
+        "04"
+    )
+
+
 def test_task_defaults_follow_the_reference_recipes():
     c, i, p = load_config("classify"), load_config("instruct"), load_config("pretrain")
     assert isinstance(c, ClassifyConfig)
@@ -76,6 +83,14 @@ def test_user_errors_are_one_line_with_exit_2(capsys, args, message):
     assert code == 2
     assert err.count("\n") == 1 and "Traceback" not in err
     assert message in err
+
+
+def test_trackers_must_be_known_and_installed(capsys, monkeypatch):
+    code, _, err = run_cli(capsys, "pretrain", "--train.trackers", "[tensorbord]")
+    assert code == 2 and "unknown tracker 'tensorbord'; did you mean 'tensorboard'?" in err
+    monkeypatch.setattr("accelerate.tracking.get_available_trackers", lambda: [])
+    code, _, err = run_cli(capsys, "pretrain", "--train.trackers", "[wandb]")
+    assert code == 2 and "'wandb' is not installed" in err and "pip install wandb" in err
 
 
 def test_unknown_yaml_key_names_file_key_and_suggestion(tmp_path, capsys):

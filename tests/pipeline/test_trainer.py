@@ -3,6 +3,7 @@ groups, checkpoints, in-process SIGTERM + resume with dropout, and the non-finit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -20,6 +21,7 @@ from gptforge.pipeline.config import TrainConfig
 from gptforge.pipeline.trainer import (
     FINAL,
     Trainer,
+    cpu_has_native_bf16,
     list_checkpoints,
     lr_lambda,
     param_groups,
@@ -228,7 +230,9 @@ def test_nonfinite_loss_stops_cleanly_and_keeps_last_good_checkpoint(tmp_path):
 
 
 def test_bf16_autocast_on_cpu_and_fp16_refused(tmp_path):
-    res = fit(make_cfg(tmp_path / "bf16", mixed_precision="bf16", epochs=1), n_train=16)
+    slow_cpu = cpu_has_native_bf16() is False and not torch.cuda.is_available()
+    with pytest.warns(UserWarning, match="without bf16 units") if slow_cpu else contextlib.nullcontext():
+        res = fit(make_cfg(tmp_path / "bf16", mixed_precision="bf16", epochs=1), n_train=16)
     assert math.isfinite(res.metrics["val_loss"])
     run = json.loads((tmp_path / "bf16" / "run.json").read_text())
     assert run["mixed_precision"] == "bf16"
@@ -240,3 +244,29 @@ def test_bf16_autocast_on_cpu_and_fp16_refused(tmp_path):
 def test_too_small_dataset_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match=r"smaller than one optimizer step .*train.batch_size=8"):
         fit(make_cfg(tmp_path / "small", batch_size=8, grad_accum=2), n_train=12)
+
+
+def test_partial_last_window_without_drop_last(tmp_path):
+    """40 rows as 8 x 2 without drop_last: windows of 16, 16 and 8 rows, like batch 16 (16, 16, 8)."""
+    a = fit(make_cfg(tmp_path / "b16", batch_size=16, drop_last=False))
+    b = fit(make_cfg(tmp_path / "b8x2", batch_size=8, grad_accum=2, drop_last=False))
+    la, lb = train_losses(tmp_path / "b16"), train_losses(tmp_path / "b8x2")
+    assert sorted(la) == sorted(lb) == list(range(1, 7))  # 3 steps x 2 epochs
+    assert [lb[s] for s in la] == pytest.approx(list(la.values()), abs=1e-5)
+    # the epoch ends after the partial window: end-of-epoch evaluation and checkpoint at steps 3 and 6
+    vals = [r["step"] for r in read_metrics(tmp_path / "b8x2" / "metrics.jsonl") if "val_loss" in r]
+    assert vals == [3, 6, 6]  # two epoch ends and the final line
+    assert [p.name for p in list_checkpoints(tmp_path / "b8x2")] == ["step-00000003", "step-00000006"]
+    assert b.metrics["val_loss"] == pytest.approx(a.metrics["val_loss"], abs=1e-5)
+
+
+@pytest.mark.slow  # inductor compiles for minutes on a small CPU
+def test_torch_compile_matches_eager(tmp_path):
+    fit(make_cfg(tmp_path / "eager", epochs=1))
+    res = fit(make_cfg(tmp_path / "compiled", epochs=1, compile=True))
+    assert "_orig_mod" not in "".join(final_weights(tmp_path / "compiled"))  # plain names in the export
+    got, want = train_losses(tmp_path / "compiled"), train_losses(tmp_path / "eager")
+    assert sorted(got) == sorted(want) and [got[s] for s in want] == pytest.approx(
+        list(want.values()), abs=1e-5
+    )
+    assert res.metrics["status"] == "completed"

@@ -388,6 +388,11 @@ def parse_config(task: str, argv: list[str]) -> tuple[Any, bool]:
     from jsonargparse import Namespace
 
     parser = build_parser(task)
+    # `--resume auto|PATH` is short for `--train.resume auto|PATH`
+    argv = [
+        "--train.resume" if a == "--resume" else "--train.resume=" + a[9:] if a.startswith("--resume=") else a
+        for a in argv
+    ]
     for i, a in enumerate(argv):  # a missing --config file gets its path in the message
         if a == "--config" and i + 1 < len(argv) and not Path(argv[i + 1]).is_file():
             raise ConfigError(f"--config {argv[i + 1]}: file not found")

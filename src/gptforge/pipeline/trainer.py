@@ -196,6 +196,15 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def cpu_has_native_bf16() -> bool | None:
+    """Whether this CPU has bf16 matrix units (Linux flags avx512_bf16 / amx_bf16); None if unknown."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 class _TiedHeadNote(logging.Filter):
     """Accelerate warns that it stored the tied LM head once; that is exactly what we want."""
 
@@ -208,15 +217,30 @@ def make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.tracking import get_available_trackers
-    from accelerate.utils import DataLoaderConfiguration
+    from accelerate.utils import DataLoaderConfiguration, LoggerType
 
     cpu = cfg.cpu or not torch.cuda.is_available()
     if cfg.mixed_precision == "fp16" and cpu:
         raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU (loss scaling); on CPU use bf16 or no")
     if cfg.mixed_precision == "bf16" and not cpu and not torch.cuda.is_bf16_supported():
         raise ConfigError("train.mixed_precision=bf16: this GPU has no bf16 support; use fp16 or no")
+    if cfg.mixed_precision == "bf16" and cpu and cpu_has_native_bf16() is False:
+        import warnings
+
+        warnings.warn(
+            "train.mixed_precision=bf16 on a CPU without bf16 units (no avx512_bf16/amx_bf16): "
+            "autocast still works but is likely slower than fp32",
+            stacklevel=2,
+        )
     available = {str(t) for t in get_available_trackers()}
+    known = [str(t) for t in LoggerType if str(t) != "all"]
     for t in cfg.trackers:
+        if t not in known:
+            import difflib
+
+            close = difflib.get_close_matches(t, known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"use one of {', '.join(known)}"
+            raise ConfigError(f"train.trackers: unknown tracker {t!r}; {hint}")
         if t not in available:
             raise ConfigError(
                 f"train.trackers: {t!r} is not installed (available: {sorted(available) or 'none'}); "
@@ -415,7 +439,7 @@ class Trainer:
                 loader = acc.skip_first_batches(train_loader, skip) if skip else train_loader
                 it = iter(loader)
                 stop = False
-                while state.batches_in_epoch // cfg.grad_accum < spe and state.step < total:
+                while self._steps_in_epoch(state) < spe and state.step < total:
                     window = self._next_window(it)
                     if not window:
                         break
@@ -450,7 +474,7 @@ class Trainer:
                         self._save(state)
                     status = "interrupted"
                     break
-                if state.batches_in_epoch // cfg.grad_accum >= spe:
+                if self._steps_in_epoch(state) >= spe:
                     state.epoch, state.batches_in_epoch = epoch + 1, 0
                     if cfg.eval_every == 0 and val_loader is not None:
                         self._eval_and_log(state, epoch)
@@ -494,6 +518,10 @@ class Trainer:
             # own generator: iterator creation must not consume the global RNG (dropout)
             generator=torch.Generator().manual_seed(self.cfg.seed),
         )
+
+    def _steps_in_epoch(self, state: TrainState) -> int:
+        """Optimizer steps done in the current epoch (a last, partial window counts as one)."""
+        return -(-state.batches_in_epoch // self.cfg.grad_accum)
 
     def _next_window(self, it: Iterator) -> list[dict]:
         window = []
@@ -722,7 +750,7 @@ class Trainer:
         from accelerate.utils import DistributedType
 
         acc = self.accelerator
-        unwrapped = acc.unwrap_model(self.model)
+        unwrapped = acc.unwrap_model(self.model, keep_fp32_wrapper=False, keep_torch_compile=False)
         if acc.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
             return unwrapped
         sd = acc.get_state_dict(self.model)
