@@ -53,6 +53,8 @@ def test_task_defaults_follow_the_reference_recipes():
     assert (i.train.lr, i.train.weight_decay, i.train.epochs, i.train.batch_size) == (5e-5, 0.1, 2, 8)
     assert (p.train.lr, p.train.weight_decay, p.train.epochs, p.train.batch_size) == (4e-4, 0.1, 10, 2)
     assert p.train.schedule == "cosine" and c.train.schedule == i.train.schedule == "constant"
+    assert c.model.init == i.model.init == "gpt2" and p.model.init == "scratch"  # GPT-2 124M, as the book
+    assert c.trainable == "last_blocks:1"
 
 
 @pytest.mark.parametrize(

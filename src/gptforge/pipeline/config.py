@@ -308,8 +308,9 @@ def to_dict(cfg: Any) -> dict:
 
 def build_parser(task: str, prog: str | None = None):
     """The jsonargparse parser of a task: `--config FILE.yaml`, then `--section.field value` overrides."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
+    from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # field docstrings become --help text
     cls = TASK_CONFIGS[task]
     parser = ArgumentParser(
         prog=prog or f"gptforge {task}",
@@ -321,10 +322,13 @@ def build_parser(task: str, prog: str | None = None):
     parser.add_argument(
         "--print-config", action="store_true", help="print the resolved config as YAML and exit"
     )
+    task_defaults = cls()  # e.g. classify starts from model.init=gpt2, not ModelConfig's own scratch
     for f in dataclasses.fields(cls):
         sub = _field_type(cls, f.name)
         if dataclasses.is_dataclass(sub):
             parser.add_class_arguments(sub, f.name, default=None)
+            own = dataclasses.asdict(getattr(task_defaults, f.name))
+            parser.set_defaults({f"{f.name}.{k}": v for k, v in own.items()})
         else:
             parser.add_argument(f"--{f.name}", type=sub, default=f.default, help=_attr_doc(cls, f.name))
     return parser
