@@ -99,7 +99,11 @@ def test_unknown_yaml_key_names_file_key_and_suggestion(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  warmup_step: 10\n")
     code, _, err = run_cli(capsys, "pretrain", "--config", str(bad))
-    assert code == 2 and "unknown config key 'train.warmup_step'; did you mean 'train.warmup_steps'?" in err
+    assert code == 2
+    assert f"{bad}: unknown config key 'train.warmup_step'; did you mean 'train.warmup_steps'?" in err
+    bad.write_text("train:\n  epochs: many\n")
+    code, _, err = run_cli(capsys, "pretrain", "--config", str(bad), "--train.lr", "1e-3")
+    assert code == 2 and f"{bad}: train.epochs: Expected a int. Got value: many" in err
 
 
 def test_size_overrides_only_apply_to_scratch(tmp_path):

@@ -356,9 +356,18 @@ def _known_keys(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
-def _friendly(task: str, err: Exception) -> ConfigError:
-    """One line naming the bad key or value, with the closest known key."""
+def _friendly(task: str, err: Exception, argv: list[str] | None = None) -> ConfigError:
+    """One line naming the bad key or value (and the YAML file it came from), with the closest known key."""
     msg = " ".join(str(err).split())
+    argv = argv or []
+    files = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+    files += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+
+    def where(key: str) -> str:
+        # a key that is not on the command line came from a --config file
+        on_cli = any(a.lstrip("-").split("=", 1)[0].replace("-", "_") == key for a in argv)
+        return f"{', '.join(files)}: " if files and not on_cli else ""
+
     known = _known_keys(TASK_CONFIGS[task])
     bad = None
     m = re.search(r"unrecognized arguments: (--?[\w.\-]+)", msg)
@@ -376,11 +385,11 @@ def _friendly(task: str, err: Exception) -> ConfigError:
             tail = bad.rsplit(".", 1)[-1]
             close = [k for k in known if k.rsplit(".", 1)[-1] == tail][:1]
         hint = f"did you mean {close[0]!r}?" if close else "see --help for the known keys"
-        return ConfigError(f"unknown config key {bad!r}; {hint}")
+        return ConfigError(f"{where(bad)}unknown config key {bad!r}; {hint}")
     m = re.search(r'[Pp]arser key "([\w.]+)": (.*)', msg)
     if m:
         detail = re.sub(r"<class '(\w+)'>", r"\1", m.group(2))
-        return ConfigError(f"{m.group(1)}: {detail}")
+        return ConfigError(f"{where(m.group(1))}{m.group(1)}: {detail}")
     return ConfigError(msg)
 
 
@@ -405,7 +414,7 @@ def parse_config(task: str, argv: list[str]) -> tuple[Any, bool]:
     try:
         ns = parser.parse_args(argv)
     except (argparse.ArgumentError, ValueError, TypeError) as e:
-        raise _friendly(task, e) from None
+        raise _friendly(task, e, argv) from None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
