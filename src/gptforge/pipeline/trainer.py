@@ -371,7 +371,6 @@ class Trainer:
 
         train_loader = self._loader(train_dataset, collate_fn, shuffle=True, drop_last=cfg.drop_last)
         val_loader = self._loader(val_dataset, collate_fn) if val_dataset is not None else None
-        self._collate = collate_fn
         if self.is_main:
             print(describe_trainable(model), file=sys.stderr)
         optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
@@ -642,11 +641,11 @@ class Trainer:
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
         acc.wait_for_everyone()
+        score = state.last_val_loss if state.last_val_step == state.step else None
+        state.scores[name] = score
+        if score is not None and (state.best_val_loss is None or score < state.best_val_loss):
+            state.best_val_loss, state.best_step = score, state.step
         if self.is_main:
-            score = state.last_val_loss if state.last_val_step == state.step else None
-            state.scores[name] = score
-            if score is not None and (state.best_val_loss is None or score < state.best_val_loss):
-                state.best_val_loss, state.best_step = score, state.step
             write_json(tmp / STATE, asdict(state))
             if final.exists():
                 shutil.rmtree(final)
