@@ -206,8 +206,8 @@ class InstructDataConfig:
     output_column: str = "output"
     prompt_style: str = "alpaca"
     """How records become prompts (saved as prompt_style.json beside the model)."""
-    max_length: int | None = 1024
-    """Truncate each padded example to this many tokens (null: the model's context length)."""
+    max_length: int | None = None
+    """Truncate each padded example to this many tokens (null: the model's context length, 1024 for GPT-2)."""
     mask_prompt: bool = False
     """Compute the loss on the response tokens only."""
     limit: int | None = None
