@@ -125,3 +125,47 @@ def test_best_precision(monkeypatch):
     with pytest.raises(ConfigError, match="GPTFORGE_PRECISION"):
         best_precision("cpu")
     perf.cpu_has_native_bf16.cache_clear()
+
+
+def test_cached_one_token_steps_equal_full_forward():
+    """Decoding with the cache (no mask built for a single new token) gives the full forward's logits."""
+    from gptforge.model.gpt import KVCache
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("test-tiny", vocab_size=97)).eval()
+    x = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        full = model(x)
+        cache = KVCache(model.cfg, 2, 12)
+        steps = [model(x[:, :5], cache=cache)]
+        steps += [model(x[:, t : t + 1], cache=cache) for t in range(5, 12)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_meta_model_skips_init_and_loads():
+    """A model built on the meta device (as from_hf does) is not initialised, then takes loaded weights."""
+    cfg = GPTConfig.from_preset("test-tiny", vocab_size=97)
+    torch.manual_seed(0)
+    ref = GPT(cfg)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model.load_state_dict(ref.state_dict(), assign=True)
+    model.lm_head.weight = model.tok_emb.weight
+    x = torch.randint(0, 97, (1, 8))
+    torch.testing.assert_close(model(x), ref(x), atol=0, rtol=0)
+
+
+@pytest.mark.slow
+def test_compiled_training_loss_and_grads_equal_eager():
+    """Under torch.compile the loss takes the plain form inductor fuses; values and gradients agree."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("test-tiny", vocab_size=97))
+    x = torch.randint(0, 97, (2, 16))
+    t = torch.cat([x[:, 1:], torch.full((2, 1), -100)], dim=1)
+    loss = model(x, targets=t)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    c_loss = torch.compile(model)(x, targets=t)
+    c_grads = torch.autograd.grad(c_loss, list(model.parameters()))
+    torch.testing.assert_close(c_loss, loss, atol=1e-5, rtol=1e-5)
+    for a, b in zip(c_grads, grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

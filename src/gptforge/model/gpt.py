@@ -123,7 +123,8 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight  # one shared Parameter
         self.score = nn.Linear(cfg.emb_dim, cfg.num_labels, bias=False) if cfg.num_labels else None
-        self.reset_parameters()
+        if self.tok_emb.weight.device.type != "meta":  # meta models get real weights loaded (from_hf)
+            self.reset_parameters()
 
     # -- construction -------------------------------------------------------------------------
     def reset_parameters(self) -> None:
@@ -194,8 +195,8 @@ class GPT(nn.Module):
 
         Padded keys are hidden; each query may always see itself, so rows of padding stay finite.
         """
-        if attention_mask is None and past == 0:
-            return None
+        if attention_mask is None and (past == 0 or T == 1):
+            return None  # causal from the start, or one new token that may see every cached one
         S = past + T
         if attention_mask is None:
             attention_mask = torch.ones(1, S, dtype=torch.bool, device=device)
@@ -266,4 +267,11 @@ def lm_loss(
     Computed a slice of tokens at a time (`perf.fused_linear_cross_entropy`): the full fp32 logits of a
     50k vocabulary never exist, which saves memory and time; values and gradients equal the plain form.
     """
+    if torch.compiler.is_compiling():
+        # Under torch.compile, inductor fuses the plain form's softmax and its gradient into single
+        # passes, which beats tracing the sliced loop; the fused path is for eager mode.
+        logits = F.linear(h, weight).float()
+        return F.cross_entropy(
+            logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction=reduction
+        )
     return fused_linear_cross_entropy(h, weight, targets, reduction=reduction)

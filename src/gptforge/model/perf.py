@@ -18,9 +18,9 @@ from gptforge.errors import ConfigError
 
 IGNORE_INDEX = -100
 PRECISIONS = ("bf16", "fp16", "no")
-# Elements of one slice of logits (fp32): 2**23 is 32 MB, small enough to stay cheap, large enough
-# that the slice matmuls run at full speed.
-CHUNK_ELEMENTS = 1 << 23
+# Elements of one slice of logits (fp32): 2**25 is 128 MB (667 tokens of a 50k vocabulary): few
+# slices, so the weight gradient is accumulated few times, yet a third of batch 8 x 256's logits.
+CHUNK_ELEMENTS = 1 << 25
 
 
 @functools.lru_cache(maxsize=1)
@@ -91,6 +91,56 @@ def _chunk_rows(n_rows: int, vocab: int, chunk_elements: int) -> int:
     return max(1, min(n_rows, chunk_elements // max(1, vocab)))
 
 
+def _fused_ce_chunks(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    reduction: str,
+    chunk_elements: int,
+    cdt: torch.dtype,
+    need_h: bool,
+    need_w: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Summed or mean loss, d loss/d h and d loss/d weight (fp32), one slice of rows at a time."""
+    n = h.shape[0]
+    valid = targets != IGNORE_INDEX
+    count = valid.sum()
+    scale = 1.0 / count.clamp(min=1).to(torch.float32) if reduction == "mean" else None
+    loss = torch.zeros((), dtype=torch.float32, device=h.device)
+    grad_h = torch.empty_like(h) if need_h else None
+    grad_w = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+    w = weight.to(cdt)
+    rows = _chunk_rows(n, weight.shape[0], chunk_elements)
+    for start in range(0, n, rows):
+        end = min(n, start + rows)
+        hc = h[start:end].to(cdt)
+        ok = valid[start:end]
+        # Per-row gradient scale: 1/count (mean) or 1 (sum) for real targets, 0 for ignored ones.
+        row_scale = ok.to(torch.float32) if scale is None else ok * scale
+        safe_t = targets[start:end].clamp(min=0)[:, None]
+        logp = torch.log_softmax(F.linear(hc, w).float(), dim=-1)
+        loss -= (logp.gather(1, safe_t).squeeze(1) * ok).sum()
+        # d loss / d logits = row_scale * (softmax - onehot), built in place over the log-probs.
+        g = logp.exp_().mul_(row_scale[:, None])
+        g.scatter_add_(1, safe_t, -row_scale[:, None])
+        g = g.to(cdt)
+        if grad_h is not None:
+            if grad_h.dtype == cdt:
+                torch.mm(g, w, out=grad_h[start:end])
+            else:
+                grad_h[start:end] = g @ w
+        if grad_w is not None:
+            if cdt != torch.float32:
+                grad_w.add_(g.t() @ hc) if start else grad_w.copy_(g.t() @ hc)
+            elif start:
+                grad_w.addmm_(g.t(), hc)
+            else:
+                torch.mm(g.t(), hc, out=grad_w)
+    if reduction == "mean":
+        loss = loss / count.to(torch.float32)  # nan when every target is ignored, like F.cross_entropy
+    return loss, grad_h, grad_w
+
+
 class _FusedLinearCE(torch.autograd.Function):
     """Loss of `h @ weight.T` against targets, with both gradients computed slice by slice in forward.
 
@@ -100,47 +150,27 @@ class _FusedLinearCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, targets, reduction: str, chunk_elements: int):  # type: ignore[override]
-        n, d = h.shape
-        need_h = h.requires_grad
-        need_w = weight.requires_grad
-        valid = targets != IGNORE_INDEX
-        count = valid.sum()
-        scale = 1.0 / count.clamp(min=1).to(torch.float32) if reduction == "mean" else None
-        loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        rows = _chunk_rows(n, weight.shape[0], chunk_elements)
-        for start in range(0, n, rows):
-            end = min(n, start + rows)
-            hc, tc, vc = h[start:end], targets[start:end], valid[start:end]
-            logits = F.linear(hc, weight).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            safe_t = tc.clamp(min=0)
-            picked = logits.gather(1, safe_t[:, None]).squeeze(1)
-            loss += torch.where(vc, lse - picked, 0.0).sum()
-            # softmax - onehot, in place over the logits buffer; rows with ignored targets get 0.
-            g = logits.sub_(lse[:, None]).exp_()
-            g.scatter_add_(1, safe_t[:, None], torch.full_like(picked[:, None], -1.0))
-            g.mul_(vc[:, None])
-            if scale is not None:
-                g.mul_(scale)
-            g = g.to(weight.dtype) if weight.dtype != torch.float32 else g
-            if need_h:
-                grad_h[start:end] = (g @ weight.to(g.dtype)).to(h.dtype)
-            if need_w:
-                grad_w.addmm_(g.t().to(torch.float32), hc.to(torch.float32))
-        if reduction == "mean":
-            loss = loss / count.to(torch.float32)  # nan when every target is ignored, like F.cross_entropy
-        ctx.save_for_backward(grad_h if need_h else torch.empty(0), grad_w if need_w else torch.empty(0))
-        ctx.need = (need_h, need_w, weight.dtype)
+        dev = h.device.type
+        # Under autocast the three matmuls run in its dtype, like the plain path; the softmax in fp32.
+        cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
+        with torch.autocast(dev, enabled=False):
+            loss, grad_h, grad_w = _fused_ce_chunks(
+                h, weight, targets, reduction, chunk_elements, cdt, h.requires_grad, weight.requires_grad
+            )
+        ctx.save_for_backward(
+            grad_h if grad_h is not None else torch.empty(0), grad_w if grad_w is not None else torch.empty(0)
+        )
+        ctx.need = (grad_h is not None, grad_w is not None, weight.dtype)
         return loss
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         grad_h, grad_w = ctx.saved_tensors
         need_h, need_w, w_dtype = ctx.need
-        gh = grad_h * grad_out.to(grad_h.dtype) if need_h else None
-        gw = (grad_w * grad_out).to(w_dtype) if need_w else None
+        # The usual case, loss.backward() on this loss alone, needs no scaling pass over the gradients.
+        one = grad_out.device.type == "cpu" and grad_out.item() == 1.0
+        gh = (grad_h if one else grad_h * grad_out.to(grad_h.dtype)) if need_h else None
+        gw = (grad_w if one else grad_w * grad_out).to(w_dtype) if need_w else None
         return gh, gw, None, None, None
 
 
