@@ -136,3 +136,38 @@ def test_classifier_logits_ignore_right_padding():
     targets = torch.tensor([0, 2])
     loss = model(batch, attention_mask=mask, targets=targets)
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, targets), atol=1e-6, rtol=0)
+
+
+def test_lm_loss_skips_ignored_positions_exactly(monkeypatch):
+    """Rows without a target never reach the vocab head, yet loss and gradients equal the plain form."""
+    import torch.nn.functional as F
+
+    from gptforge.model.gpt import lm_loss
+
+    torch.manual_seed(0)
+    h = torch.randn(3, 7, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    t = torch.randint(0, 50, (3, 7))
+    t[0, 2:] = -100
+    t[2, :5] = -100
+    for reduction in ("mean", "sum"):
+        ref = F.cross_entropy((h @ w.T).view(-1, 50), t.view(-1), ignore_index=-100, reduction=reduction)
+        gh_ref, gw_ref = torch.autograd.grad(ref, (h, w))
+        got = lm_loss(h, w, t, reduction=reduction)
+        gh, gw = torch.autograd.grad(got, (h, w))
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(gh, gh_ref, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(gw, gw_ref, atol=1e-6, rtol=1e-6)
+        assert gh[0, 2:].abs().max() == 0  # ignored positions get no gradient
+
+    import gptforge.model.gpt as gpt_module
+
+    rows = []
+    real = gpt_module.fused_linear_cross_entropy
+    monkeypatch.setattr(
+        gpt_module,
+        "fused_linear_cross_entropy",
+        lambda h, *a, **k: rows.append(h.shape[0]) or real(h, *a, **k),
+    )
+    lm_loss(h, w, t)
+    assert rows == [int((t != -100).sum())] == [11]  # only the 11 positions with a target reach the head

@@ -153,3 +153,33 @@ def test_num_proc_gives_the_same_blocks(tmp_path):
     two = load_corpus(docs, context_length=16, stride=8, num_proc=2, cache_dir=tmp_path / "b")
     for split in ("train", "validation"):
         assert (_blocks(one[split]) == _blocks(two[split])).all()
+
+
+def test_target_fraction_keeps_a_seeded_share_of_targets():
+    blocks = [{"input_ids": list(range(i, i + 65))} for i in range(0, 6400, 64)]
+    full = PretrainCollator()(blocks)
+    torch.manual_seed(3)
+    a = PretrainCollator(target_fraction=0.25)(blocks)
+    torch.manual_seed(3)
+    b = PretrainCollator(target_fraction=0.25)(blocks)
+    assert torch.equal(a["targets"], b["targets"])  # drawn from torch's seeded RNG: resumable
+    assert torch.equal(a["input_ids"], full["input_ids"])
+    kept = a["targets"] != -100
+    assert torch.equal(a["targets"][kept], full["targets"][kept])
+    assert abs(kept.float().mean().item() - 0.25) < 0.02  # 6,400 targets
+    with pytest.raises(DataError, match="target_fraction"):
+        PretrainCollator(target_fraction=0.0)
+
+
+def test_derived_corpora_hold_no_test_text(shared_data_dir, monkeypatch):
+    from gptforge.tasks.classify import load_sms_spam
+    from gptforge.tasks.pretrain import _documents
+
+    monkeypatch.setenv("GPTFORGE_DATA_DIR", str(shared_data_dir))
+    sms = _documents("sms_spam:unlabeled", "text", None)
+    test = set(load_sms_spam(split="book")["test"]["text"])
+    assert len(sms) == 5195 and not test & set(sms["text"])
+    ins = _documents("instruction:train", "text", None)
+    assert len(ins) == 935
+    assert ins[0]["text"].startswith("Below is an instruction that describes a task.")
+    assert "\n\n### Response:\n" in ins[0]["text"]

@@ -274,4 +274,9 @@ def lm_loss(
         return F.cross_entropy(
             logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction=reduction
         )
+    if reduction != "none" and not torch.compiler.is_compiling():
+        # Positions without a target (padding, masked prompts, sampled-out targets) skip the vocab head.
+        keep = targets.reshape(-1) != -100
+        if not bool(keep.all()):
+            h, targets = h.reshape(-1, h.shape[-1])[keep], targets.reshape(-1)[keep]
     return fused_linear_cross_entropy(h, weight, targets, reduction=reduction)

@@ -168,13 +168,15 @@ class PretrainDataConfig:
     """Text corpora packed into blocks of context_length + 1 tokens."""
 
     sources: list[str] = field(default_factory=lambda: ["the-verdict"])
-    """Corpus names (the-verdict, tinyshakespeare) or paths to .txt files / folders."""
+    """Corpus names (the-verdict, tinyshakespeare, sms_spam:unlabeled, instruction:train) or paths/globs."""
     context_length: int | None = None
     """Tokens per block (null: the model's context length)."""
     stride: int | None = None
     """Step between block starts (null: context_length, no overlap)."""
     val_fraction: float = 0.1
     """Share of the token stream held out (its tail) for validation."""
+    target_fraction: float = 1.0
+    """Train on a random share of next-token targets (validation scores all): cheaper steps for small models."""
 
 
 @dataclass
@@ -295,6 +297,8 @@ def validate(cfg: Any) -> Any:
             raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be in (0, 1)")
         if not cfg.data.sources:
             raise ConfigError("data.sources is empty; give at least one corpus name or path")
+        if not 0.0 < cfg.data.target_fraction <= 1.0:
+            raise ConfigError(f"data.target_fraction={cfg.data.target_fraction} must be in (0, 1]")
     return cfg
 
 

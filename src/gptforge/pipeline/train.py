@@ -90,9 +90,10 @@ def run_pretrain(cfg: PretrainConfig) -> RunResult:
     return trainer.fit(
         model,
         dsd["train"],
-        PretrainCollator(),
+        PretrainCollator(target_fraction=d.target_fraction),
         dsd["validation"] if "validation" in dsd else None,
         run_config=_run_config("pretrain", cfg, model),
+        eval_collate_fn=PretrainCollator(),
     )
 
 

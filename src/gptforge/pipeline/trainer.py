@@ -356,6 +356,7 @@ class Trainer:
         final_eval: dict[str, Any] | None = None,
         run_config: dict | None = None,
         metadata: dict[str, dict] | None = None,
+        eval_collate_fn=None,
     ) -> RunResult:
         """Train; returns the final gptforge checkpoint (or the resumable one if interrupted) and metrics.
 
@@ -370,7 +371,8 @@ class Trainer:
         acc.wait_for_everyone()
 
         train_loader = self._loader(train_dataset, collate_fn, shuffle=True, drop_last=cfg.drop_last)
-        val_loader = self._loader(val_dataset, collate_fn) if val_dataset is not None else None
+        eval_collate = eval_collate_fn or collate_fn  # e.g. every target scored, where training samples them
+        val_loader = self._loader(val_dataset, eval_collate) if val_dataset is not None else None
         if self.is_main:
             print(describe_trainable(model), file=sys.stderr)
         optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
@@ -498,7 +500,7 @@ class Trainer:
 
         if saved_at != state.step:
             self._save(state)
-        final_metrics = self._final_metrics(state, final_eval, collate_fn)
+        final_metrics = self._final_metrics(state, final_eval, eval_collate)
         out = self._write_final(final_metrics)
         acc.end_training()
         return RunResult(out, final_metrics)

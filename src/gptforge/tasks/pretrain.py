@@ -51,12 +51,35 @@ def _text_files(source: str) -> list[Path] | None:
     return None
 
 
+def _sms_unlabeled():
+    from gptforge.tasks.classify import unlabeled_sms_texts
+
+    return unlabeled_sms_texts(split="book", exclude=("test",))
+
+
+def _instruction_train():
+    from datasets import Dataset
+
+    from gptforge.tasks.instruct import get_prompt_style, load_instruction_data
+
+    style = get_prompt_style("alpaca")
+    train = load_instruction_data()["train"]
+    return Dataset.from_dict({"text": [style.format_example(r) for r in train]})
+
+
+# Corpora derived from the finetuning data sets, for in-domain pretraining that never sees held-out text:
+# the SMS messages outside the book split's test set, and the instruction train split (alpaca-formatted).
+DERIVED_SOURCES = {"sms_spam:unlabeled": _sms_unlabeled, "instruction:train": _instruction_train}
+
+
 def _documents(source: Any, text_column: str, cache_dir: str | None):
     """One source as a `Dataset` with a single `text` column, one row per document."""
     import datasets
 
     if isinstance(source, (datasets.Dataset, datasets.DatasetDict)):
         ds, where = source, "the given data set"
+    elif isinstance(source, str) and source in DERIVED_SOURCES and not Path(source).exists():
+        return DERIVED_SOURCES[source]()
     elif isinstance(source, str) and source in REGISTRY and not Path(source).exists():
         return _documents(str(resolve(source)), text_column, cache_dir)
     elif (files := _text_files(str(source))) is not None:
@@ -257,7 +280,18 @@ def load_corpus(
 
 
 class PretrainCollator:
-    """Stack blocks of context_length + 1 tokens into `input_ids` = block[:-1] and `targets` = block[1:]."""
+    """Stack blocks of context_length + 1 tokens into `input_ids` = block[:-1] and `targets` = block[1:].
+
+    `target_fraction` < 1 keeps each target with that probability (the rest become -100, drawn from
+    torch's seeded RNG). Every position still reads its whole context, but only the kept ones pay for the
+    vocabulary head, which dominates a small GPT-2's cost: the loss stays an unbiased estimate of the full
+    next-token loss at a fraction of the compute. Evaluate with the default collator (all targets).
+    """
+
+    def __init__(self, target_fraction: float = 1.0) -> None:
+        if not 0.0 < target_fraction <= 1.0:
+            raise DataError(f"data.target_fraction={target_fraction}: must be in (0, 1]")
+        self.target_fraction = target_fraction
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
         rows = [it["input_ids"] if isinstance(it, dict) else it for it in items]
@@ -267,4 +301,7 @@ class PretrainCollator:
                 f"blocks of different lengths {sorted({r.shape[0] for r in rows})}; use load_corpus"
             )
         batch = torch.stack(rows).long()
-        return {"input_ids": batch[:, :-1].contiguous(), "targets": batch[:, 1:].contiguous()}
+        targets = batch[:, 1:].contiguous()
+        if self.target_fraction < 1.0:
+            targets = targets.masked_fill(torch.rand(targets.shape) >= self.target_fraction, -100)
+        return {"input_ids": batch[:, :-1].contiguous(), "targets": targets}
