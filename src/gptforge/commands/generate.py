@@ -44,13 +44,13 @@ def _checkpoint_info(path: Path) -> dict:
     import torch
     from safetensors import safe_open
 
-    from gptforge.model.checkpoint import CONFIG, WEIGHTS, _read_json, state_dict_for_save
+    from gptforge.model.checkpoint import CONFIG, WEIGHTS, read_json, state_dict_for_save
     from gptforge.model.config import GPTConfig
     from gptforge.model.gpt import GPT
 
     if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
         raise CheckpointError(f"{path}: not a gptforge checkpoint (needs {CONFIG} and {WEIGHTS})")
-    cfg = GPTConfig.from_dict(_read_json(path / CONFIG))
+    cfg = GPTConfig.from_dict(read_json(path / CONFIG))
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in state_dict_for_save(GPT(cfg)).items()}
     try:
@@ -74,7 +74,7 @@ def _checkpoint_info(path: Path) -> dict:
     info["files"] = sorted(f.name for f in path.iterdir() if f.is_file())
     for name in ("labels.json", "prompt_style.json"):
         if (path / name).is_file():
-            info[name.removesuffix(".json")] = _read_json(path / name)
+            info[name.removesuffix(".json")] = read_json(path / name)
     return info
 
 

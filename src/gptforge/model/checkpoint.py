@@ -108,14 +108,15 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
     p = Path(path)
     if (p / "adapter.json").is_file():
         return True
-    return (p / CONFIG).is_file() and (p / WEIGHTS).is_file() and "emb_dim" in _read_json(p / CONFIG)
+    return (p / CONFIG).is_file() and (p / WEIGHTS).is_file() and "emb_dim" in read_json(p / CONFIG)
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path, fix: str = "re-save the checkpoint") -> dict:
+    """A checkpoint's JSON file; an unreadable one is a CheckpointError naming the file and the fix."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read JSON ({e}); re-save the checkpoint") from None
+        raise CheckpointError(f"{path}: cannot read JSON ({e}); {fix}") from None
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> GPT:
@@ -136,7 +137,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
             f"{p}: not a gptforge checkpoint (needs {CONFIG} and {WEIGHTS}); "
             "for a Hugging Face model use `gptforge convert`"
         )
-    cfg = GPTConfig.from_dict(_read_json(p / CONFIG))
+    cfg = GPTConfig.from_dict(read_json(p / CONFIG))
     with torch.device("meta"):
         model = GPT(cfg)
     sd = load_file(str(p / WEIGHTS), device=str(device))
@@ -150,4 +151,4 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
 def read_metadata(path: str | os.PathLike, name: str) -> dict | None:
     """An optional metadata file of a checkpoint (e.g. "prompt_style.json"), or None."""
     f = Path(path) / name
-    return _read_json(f) if f.is_file() else None
+    return read_json(f) if f.is_file() else None

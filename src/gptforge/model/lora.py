@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -27,7 +26,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptforge.errors import CheckpointError, ConfigError, ConversionError
-from gptforge.model.checkpoint import CONFIG, atomic_dir, is_checkpoint, load_checkpoint, write_json
+from gptforge.model.checkpoint import (
+    CONFIG,
+    atomic_dir,
+    is_checkpoint,
+    load_checkpoint,
+    read_json,
+    write_json,
+)
 from gptforge.model.config import GPTConfig
 from gptforge.model.gpt import GPT
 
@@ -351,13 +357,6 @@ def is_adapter(path: str | os.PathLike) -> bool:
     return (p / ADAPTER_META).is_file() and (p / ADAPTER_WEIGHTS).is_file()
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read JSON ({e}); re-save the adapter") from None
-
-
 def load_base(base: str | os.PathLike, device: str | torch.device = "cpu") -> GPT:
     """A base model from a gptforge checkpoint dir, or (through `hf.from_hf`) a Hugging Face GPT-2."""
     if is_checkpoint(base):
@@ -383,10 +382,10 @@ def load_adapter(
     p = Path(path)
     if not is_adapter(p):
         raise CheckpointError(f"{p}: not a LoRA adapter dir (needs {ADAPTER_META} and {ADAPTER_WEIGHTS})")
-    meta = _read_json(p / ADAPTER_META)
+    meta = read_json(p / ADAPTER_META, "re-save the adapter")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{p / ADAPTER_META}: format {meta.get('format')!r} is not {FORMAT!r}")
-    cfg = GPTConfig.from_dict(_read_json(p / CONFIG))
+    cfg = GPTConfig.from_dict(read_json(p / CONFIG, "re-save the adapter"))
     lcfg = LoRAConfig.from_dict(meta["lora"])
     if base is None:
         base = meta.get("base")
