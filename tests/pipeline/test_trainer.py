@@ -270,3 +270,16 @@ def test_torch_compile_matches_eager(tmp_path):
         list(want.values()), abs=1e-5
     )
     assert res.metrics["status"] == "completed"
+
+
+def test_optimizer_is_fused_adamw_with_decay_groups():
+    from gptforge.model import GPT, GPTConfig
+    from gptforge.pipeline.config import TrainConfig
+    from gptforge.pipeline.trainer import make_optimizer
+
+    model = GPT(GPTConfig.from_preset("test-tiny"))
+    opt = make_optimizer(model, TrainConfig(lr=1e-3, weight_decay=0.1))
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"] is True
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert id(model.blocks[0].attn.qkv.weight) in decayed
+    assert id(model.blocks[0].attn.qkv.bias) not in decayed and id(model.tok_emb.weight) not in decayed

@@ -98,6 +98,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over `param_groups`; the fused kernel where every parameter lives on CPU or CUDA.
+
+    On CPU the fused step is about 10x the default foreach one, which matters for a small model whose
+    50k-token embedding is most of its parameters.
+    """
+    groups = param_groups(model, cfg.weight_decay)
+    fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused or None)
+
+
 def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float):
     """LR multiplier of optimizer step s (0-based): linear warmup, then cosine / linear / constant."""
 
@@ -375,7 +386,7 @@ class Trainer:
         val_loader = self._loader(val_dataset, eval_collate) if val_dataset is not None else None
         if self.is_main:
             print(describe_trainable(model), file=sys.stderr)
-        optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+        optimizer = make_optimizer(model, cfg)
         if val_loader is not None:
             model, optimizer, train_loader, val_loader = acc.prepare(
                 model, optimizer, train_loader, val_loader
