@@ -157,3 +157,23 @@ def test_quick_and_print_config(tmp_path, data_env, capsys):
     assert out["classify"]["trainable"] == "all"
     assert main(["run", str(path), "--print-config", "--set", "classify.train.epochs=3"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["classify"]["train"]["epochs"] == 3
+
+
+def test_stage_under_torchrun_two_processes(tmp_path, data_env):
+    """A launcher runs one stage per launch: both processes train it, the main one writes the manifest."""
+    data = json.loads(json.dumps(PIPELINE))
+    data["stages"] = ["pretrain"]
+    path = write_pipeline(tmp_path, data)
+    runs = tmp_path / "runs"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "gptforge.cli"]
+    cmd = [*torchrun, "run", str(path), "--runs-dir", str(runs)]
+    out = subprocess.run([*cmd, "--only", "pretrain"], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("Pipeline mini:") == 1  # one summary, from the main process
+    man = read_manifest(runs / "mini" / "pretrain")
+    assert man["status"] == "done" and man["metrics"]["step"] == 6
+    run_json = json.loads((runs / "mini" / "pretrain" / "run.json").read_text())
+    assert run_json["num_processes"] == 2  # really two processes, not two separate runs
+    bad = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "run one stage per launch" in bad.stderr

@@ -43,6 +43,9 @@ def run(argv: list[str]) -> int:
     parser.add_argument(
         "--print-config", action="store_true", help="print each stage's resolved config and exit"
     )
+    parser.add_argument(
+        "--list-stages", action="store_true", help="print the pipeline's stages, one a line, and exit"
+    )
     args = parser.parse_args(argv)
 
     from gptforge.pipeline.runner import load_pipeline, print_summary, run_pipeline, stage_config
@@ -50,6 +53,9 @@ def run(argv: list[str]) -> int:
     pipe = load_pipeline(
         args.pipeline, args.overrides, quick=args.quick, name=args.name, runs_dir=args.runs_dir
     )
+    if args.list_stages:
+        print("\n".join(pipe.stages))
+        return 0
     if args.print_config:
         import dataclasses
 
@@ -61,5 +67,8 @@ def run(argv: list[str]) -> int:
             print(yaml.safe_dump({stage: body}, sort_keys=False), end="")
         return 0
     results = run_pipeline(pipe, from_stage=args.from_stage, only=args.only, force=args.force)
-    print_summary(results, pipe)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print_summary(results, pipe)
     return 0

@@ -377,9 +377,16 @@ def run_pipeline(
     log=print,
 ) -> list[StageResult]:
     """Run the pipeline; returns one StageResult per considered stage and writes summary.md."""
+    import torch
     from accelerate import PartialState
 
-    state = PartialState()
+    # Under torchrun / accelerate launch: the process group the trainer uses (gloo on CPU).
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if state.num_processes > 1 and only is None:
+        raise ConfigError(
+            "under torchrun / accelerate launch, run one stage per launch: add --only STAGE "
+            "(scripts/01_pretrain.sh ... and scripts/run_all.sh with LAUNCH= do this)"
+        )
     stages = plan(pipe, from_stage=from_stage, only=only)
     forced = set(stages) if force else set()
     if from_stage:
@@ -397,6 +404,7 @@ def run_pipeline(
                 raise GPTForgeError(f"stage {stage!r} needs {u!r}, which has not finished; run it first")
         chash = _hash_obj(record)
         old = read_manifest(sdir)
+        state.wait_for_everyone()  # every process has read the manifest before the main one rewrites it
         same = bool(old) and old.get("config_hash") == chash and old.get("inputs") == inputs
         if same and old.get("status") == "done" and stage not in forced:
             log(f"[{stage}] up to date: skipped ({sdir})")
@@ -431,7 +439,6 @@ def run_pipeline(
             if state.is_main_process:
                 _write_manifest(sdir, manifest)
             raise
-        state.wait_for_everyone()
         seconds = time.perf_counter() - t0
         manifest.update(
             status=status,
