@@ -1,0 +1,306 @@
+"""gptforge speed and memory against transformers: `python benchmarks/run.py [--quick] [--only a,b]`.
+
+Benchmarks: train (training step tokens/s and MFU), generate (KV-cache generation tokens/s), data
+(tokenize + pack MB/s), convert (from_hf / export seconds and memory), memory (training step peak).
+Results go to benchmarks/results.json (merged with the benchmarks not run this time) and a table in
+benchmarks/RESULTS.md. Ratios are gptforge's advantage (> 1: gptforge is better), measured in one
+process with the two sides interleaved, so they survive a busy machine better than absolute numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from common import log, machine_info  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+BENCHMARKS = ("train", "generate", "data", "convert", "memory")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small sizes and few repetitions (a few minutes)")
+    p.add_argument("--only", default=",".join(BENCHMARKS), help=f"comma-separated subset of {BENCHMARKS}")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions per case (after warm-up)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument(
+        "--compile",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="torch.compile gptforge's model in the training benchmark (auto: on CUDA only; a cold "
+        "inductor compile of gpt2 takes minutes on a small CPU)",
+    )
+    p.add_argument(
+        "--data-path", default=None, help="tinyshakespeare.txt (default: $GPTFORGE_DATA_DIR/text/)"
+    )
+    p.add_argument("--out-dir", default=str(HERE), help="where results.json and RESULTS.md go")
+    args = p.parse_args(argv)
+    args.only = [b.strip() for b in args.only.split(",") if b.strip()]
+    unknown = sorted(set(args.only) - set(BENCHMARKS))
+    if unknown:
+        p.error(f"--only: unknown benchmarks {unknown}; choose from {', '.join(BENCHMARKS)}")
+    return args
+
+
+def plan(args: argparse.Namespace, device: str) -> dict:
+    """Sizes per benchmark: the issue's full sizes, or a quick version for development."""
+    cuda = device == "cuda"
+    # Repetitions are few on a CPU: one gpt2 training step or one 256-token generation at batch 8
+    # takes tens of seconds on 2 cores, and `make bench` should stay well under 15 minutes.
+    if cuda:
+        train = dict(presets=["gpt2"], B=32, T=1024, reps={"gpt2": args.reps or 5})
+    elif args.quick:
+        train = dict(presets=["cpu-small"], B=8, T=256, reps={"cpu-small": args.reps or 2})
+    else:
+        train = dict(
+            presets=["cpu-small", "gpt2"],
+            B=8,
+            T=256,
+            reps={"cpu-small": args.reps or 3, "gpt2": args.reps or 2},
+        )
+    gen = dict(
+        preset="gpt2",
+        batches=[1, 8],
+        new_tokens=32 if args.quick else 256,
+        prompt_len=32,
+        reps=args.reps or (3 if cuda else 2),
+        no_cache_tokens=32 if args.quick else 256,
+    )
+    data = dict(
+        target_mb=2.0 if args.quick else 10.0,
+        context_length=256,
+        num_proc=2,
+        reps=args.reps or (1 if args.quick else 3),
+    )
+    convert = dict(reps=args.reps or (1 if args.quick else 3))
+    memory = dict(presets=["cpu-small"] if args.quick else ["cpu-small", "gpt2"], B=8, T=256)
+    return {"train": train, "generate": gen, "data": data, "convert": convert, "memory": memory}
+
+
+def run_benchmarks(args: argparse.Namespace) -> tuple[dict, list[dict]]:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    meta = machine_info()
+    meta.update(device=device, quick=args.quick, started=time.strftime("%Y-%m-%d %H:%M:%S"))
+    sizes = plan(args, device)
+    meta["sizes"] = {k: v for k, v in sizes.items() if k in args.only}
+    rows: list[dict] = []
+    t_start = time.perf_counter()
+
+    if "train" in args.only:
+        import bench_train as bt
+
+        s = sizes["train"]
+        peaks = {"fp32": bt.measure_matmul_peak(torch.float32, device)}
+        peaks["bf16"] = bt.measure_matmul_peak(torch.bfloat16, device, budget_s=1.0)
+        meta["matmul_peak"] = peaks
+        log(f"matmul peak: {peaks}")
+        compile_model = args.compile == "on" or (args.compile == "auto" and device == "cuda")
+        rows += bt.run(
+            s["presets"], bt.precisions_for(device), s["B"], s["T"], s["reps"], device, compile_model, peaks
+        )
+    if "generate" in args.only:
+        import bench_generate as bg
+
+        s = sizes["generate"]
+        rows += bg.run(
+            s["preset"],
+            s["batches"],
+            s["new_tokens"],
+            s["prompt_len"],
+            s["reps"],
+            device,
+            s["no_cache_tokens"],
+        )
+    if "data" in args.only:
+        import bench_data as bd
+
+        s = sizes["data"]
+        rows += bd.run(args.data_path, s["target_mb"], s["context_length"], s["num_proc"], s["reps"])
+    if "convert" in args.only:
+        import bench_memory as bm
+
+        rows += bm.run_convert(sizes["convert"]["reps"])
+    if "memory" in args.only:
+        import bench_memory as bm
+
+        s = sizes["memory"]
+        rows += bm.run_train_memory(s["presets"], s["B"], s["T"])
+
+    meta["load_average_end"] = list(os.getloadavg())
+    meta["seconds"] = round(time.perf_counter() - t_start, 1)
+    stamp = meta["started"]
+    for r in rows:
+        r["run"] = stamp
+    return meta, rows
+
+
+def merge(out_dir: Path, meta: dict, rows: list[dict], ran: list[str]) -> dict:
+    """Keep earlier results of benchmarks not run now, so `--only` refreshes just its own rows."""
+    path = out_dir / "results.json"
+    runs, kept = {}, []
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+            kept = [r for r in old.get("results", []) if r.get("benchmark") not in ran]
+            runs = {k: v for k, v in old.get("runs", {}).items() if any(r.get("run") == k for r in kept)}
+        except (json.JSONDecodeError, AttributeError):
+            kept, runs = [], {}
+    runs[meta["started"]] = meta
+    order = {b: i for i, b in enumerate(BENCHMARKS)}
+    results = sorted(kept + rows, key=lambda r: order.get(r["benchmark"], 99))
+    return {"runs": runs, "results": results}
+
+
+def _fmt(x, unit: str = "") -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        s = f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}" if abs(x) < 10 else f"{x:.1f}"
+    else:
+        s = str(x)
+    return s + unit
+
+
+def markdown(doc: dict) -> str:
+    lines = [
+        "# gptforge benchmarks",
+        "",
+        "Written by `python benchmarks/run.py` (`make bench`); the raw numbers, every sample and the",
+        "machine are in `results.json`. **Advantage** is gptforge's ratio over the baseline, measured in",
+        "one process with both sides interleaved after warm-up (medians): above 1 means gptforge is",
+        "faster or uses less memory. Absolute numbers move with the machine's load; the ratios are what",
+        "to compare.",
+        "",
+    ]
+    for stamp, meta in doc["runs"].items():
+        lines += [
+            f"## Machine (run {stamp}{', --quick' if meta.get('quick') else ''})",
+            "",
+            f"- CPU: {meta['cpu']} ({meta['cpu_count']} logical cores, torch threads {meta['torch_threads']}, "
+            f"{meta['cpu_capability']}, native bf16: {meta['cpu_native_bf16']}); GPU: {meta['gpu'] or 'none'}; "
+            f"device used: {meta['device']}",
+            f"- load average at start / end: {meta['load_average_start'][0]:.1f} / "
+            f"{meta.get('load_average_end', [float('nan')])[0]:.1f} (the machine is shared)",
+            f"- torch {meta['torch']}, transformers {meta['transformers']}, datasets {meta['datasets']}, "
+            f"accelerate {meta['accelerate']}, tokenizers {meta['tokenizers']}, tiktoken {meta['tiktoken']}, "
+            f"safetensors {meta['safetensors']}, python {meta['python']}; gptforge commit {meta['git_commit']}",
+        ]
+        if meta.get("matmul_peak"):
+            pk = meta["matmul_peak"]
+            lines.append(
+                "- measured matmul peak: "
+                + ", ".join(f"{v['dtype']} {v['gflops']:.1f} GFLOP/s (n={v['n']})" for v in pk.values())
+            )
+        lines.append(f"- wall time of this run: {meta.get('seconds', '-')} s")
+        lines.append("")
+    titles = {
+        "train": "Training step (forward + backward + AdamW)",
+        "generate": "Generation (greedy)",
+        "data": "Data: tokenize and pack",
+        "convert": "Conversion",
+        "memory": "Training step peak memory",
+    }
+    for bench in BENCHMARKS:
+        rows = [r for r in doc["results"] if r["benchmark"] == bench]
+        if not rows:
+            continue
+        lines += [
+            f"## {titles[bench]}",
+            "",
+            "| case | unit | gptforge | baseline | advantage | target | met |",
+            "|---|---|---:|---:|---:|---:|:---:|",
+        ]
+        for r in rows:
+            met = {True: "yes", False: "**no**", None: ""}[r.get("met")]
+            for key in ("met_seconds", "met_memory"):
+                if key in r:
+                    met = (met + " " if met else "") + f"{key[4:]}: {'yes' if r[key] else '**no**'}"
+            tgt = f"{r['target']}x" if r.get("target") else ""
+            if "target_seconds_after_read" in r:
+                tgt = f"< {r['target_seconds_after_read']} s after read"
+            if "peak_over_model" in r:
+                tgt = "peak <= 2x model"
+            lines.append(
+                f"| {r['case']} | {r['metric']} | {_fmt(r['gptforge'])} | {_fmt(r['baseline'])} | "
+                f"{_fmt(r['ratio'], 'x')} | {tgt} | {met} |"
+            )
+        lines.append("")
+        lines.append("Baselines: " + "; ".join(sorted({r["baseline_name"] for r in rows})) + ".")
+        lines.append("")
+        for r in rows:
+            lines += _details(r)
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _details(r: dict) -> list[str]:
+    out = []
+    if r["benchmark"] == "train":
+        mfu = r.get("mfu", {})
+        ach = r.get("achieved_gflops", {})
+        out.append(
+            f"- {r['case']}: achieved {ach.get('gptforge')} / {ach.get('transformers')} GFLOP/s "
+            f"(gptforge / transformers; {r['gflops_per_token']} GFLOP per token), MFU "
+            f"{_pct(mfu.get('gptforge'))} / {_pct(mfu.get('transformers'))} of the measured peak; "
+            f"torch.compile: {r['compiled']} (first step {r['first_step_s']} s); first-step losses equal: "
+            f"{r['first_loss_equal']} ({r['first_loss']['gptforge']:.5f} vs {r['first_loss']['transformers']:.5f})"
+        )
+    elif r["benchmark"] == "generate":
+        out.append(f"- {r['case']}: identical token ids: {r['same_tokens']}")
+    elif r["benchmark"] == "data":
+        out.append(f"- tokens in blocks: {r['block_tokens']}")
+    elif r["benchmark"] == "convert":
+        if "seconds_after_read" in r:
+            out.append(
+                f"- {r['case']}: reading the files {r['read_seconds']} s, conversion after reading "
+                f"{r['seconds_after_read']} s"
+            )
+        if "peak_over_model" in r:
+            out.append(
+                f"- {r['case']}: model {r['model_mib']} MiB; peak is {r['peak_over_model']}x the model"
+            )
+    elif r["benchmark"] == "memory":
+        out.append(
+            f"- {r['case']}: resident before the step (weights, optimizer state) {r['resident_before_mib']}"
+        )
+    return out
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from gptforge.model.checkpoint import write_json
+
+    args = parse_args(argv)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta, rows = run_benchmarks(args)
+    doc = merge(out_dir, meta, rows, args.only)
+    write_json(out_dir / "results.json", doc)
+    md = out_dir / "RESULTS.md"
+    tmp = md.with_name(f".{md.name}.tmp-{os.getpid()}")
+    tmp.write_text(markdown(doc), encoding="utf-8")
+    os.replace(tmp, md)
+    log(f"wrote {out_dir / 'results.json'} and {md} in {meta['seconds']} s")
+    print(markdown({"runs": {meta["started"]: meta}, "results": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
