@@ -20,7 +20,7 @@ def run(
     batches: list[int],
     new_tokens: int,
     prompt_len: int,
-    reps: int,
+    reps: dict[int, int],
     device: str,
     no_cache_tokens: int | None,
 ) -> list[dict]:
@@ -57,7 +57,7 @@ def run(
                 "gptforge": lambda p=plist: ours(p, new_tokens),
                 "transformers": lambda p=prompt: theirs(p, new_tokens),
             },
-            reps=reps,
+            reps=reps[B],
             warmup=0,
             device=device,
             outputs=outs,

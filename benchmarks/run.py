@@ -68,14 +68,14 @@ def plan(args: argparse.Namespace, device: str) -> dict:
             presets=["cpu-small", "gpt2"],
             B=8,
             T=256,
-            reps={"cpu-small": args.reps or 3, "gpt2": args.reps or 2},
+            reps={"cpu-small": args.reps or 3, "gpt2": args.reps or 3},
         )
     gen = dict(
         preset="gpt2",
         batches=[1, 8],
         new_tokens=32 if args.quick else 256,
         prompt_len=32,
-        reps=args.reps or (3 if cuda else 2),
+        reps={1: args.reps or 3, 8: args.reps or (3 if cuda else 2)},
         no_cache_tokens=32 if args.quick else 256,
     )
     data = dict(
@@ -84,7 +84,7 @@ def plan(args: argparse.Namespace, device: str) -> dict:
         num_proc=2,
         reps=args.reps or (1 if args.quick else 3),
     )
-    convert = dict(reps=args.reps or (1 if args.quick else 3))
+    convert = dict(reps=args.reps or (1 if args.quick else 2))
     memory = dict(presets=["cpu-small"] if args.quick else ["cpu-small", "gpt2"], B=8, T=256)
     return {"train": train, "generate": gen, "data": data, "convert": convert, "memory": memory}
 
@@ -218,6 +218,18 @@ def markdown(doc: dict) -> str:
         rows = [r for r in doc["results"] if r["benchmark"] == bench]
         if not rows:
             continue
+        note: list[str] = []
+        if bench == "train":
+            meta = doc["runs"].get(rows[0].get("run"), {})
+            pk = meta.get("matmul_peak", {})
+            if meta.get("device") == "cpu" and not meta.get("cpu_native_bf16") and "bf16" in pk:
+                note = [
+                    "Best precision on this CPU is fp32 for both sides (`gptforge.model.perf.best_precision`): "
+                    f"it has no bf16 matrix units, and a bf16 matmul ran at {pk['bf16']['gflops']:.1f} GFLOP/s "
+                    f"against {pk['fp32']['gflops']:.1f} in fp32, so bf16 autocast would slow both down; "
+                    "the best-precision rows equal the fp32 rows and are not repeated.",
+                    "",
+                ]
         lines += [
             f"## {titles[bench]}",
             "",
@@ -241,6 +253,7 @@ def markdown(doc: dict) -> str:
         lines.append("")
         lines.append("Baselines: " + "; ".join(sorted({r["baseline_name"] for r in rows})) + ".")
         lines.append("")
+        lines += note
         for r in rows:
             lines += _details(r)
         lines.append("")
@@ -252,6 +265,12 @@ def _details(r: dict) -> list[str]:
     if r["benchmark"] == "train":
         mfu = r.get("mfu", {})
         ach = r.get("achieved_gflops", {})
+        if r.get("target") and mfu.get("transformers") and r.get("met") is False:
+            need = r["target"] * mfu["transformers"]
+            out.append(
+                f"- {r['case']}: {r['target']}x transformers would need {_pct(need)} of the measured matmul "
+                f"peak for the whole step (gptforge reaches {_pct(mfu.get('gptforge'))})"
+            )
         out.append(
             f"- {r['case']}: achieved {ach.get('gptforge')} / {ach.get('transformers')} GFLOP/s "
             f"(gptforge / transformers; {r['gflops_per_token']} GFLOP per token), MFU "
