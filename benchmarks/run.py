@@ -68,7 +68,7 @@ def plan(args: argparse.Namespace, device: str) -> dict:
             presets=["cpu-small", "gpt2"],
             B=8,
             T=256,
-            reps={"cpu-small": args.reps or 3, "gpt2": args.reps or 3},
+            reps={"cpu-small": args.reps or 3, "gpt2": args.reps or 2},
         )
     gen = dict(
         preset="gpt2",
@@ -82,7 +82,7 @@ def plan(args: argparse.Namespace, device: str) -> dict:
         target_mb=2.0 if args.quick else 10.0,
         context_length=256,
         num_proc=2,
-        reps=args.reps or (1 if args.quick else 3),
+        reps=args.reps or (1 if args.quick else 2),
     )
     convert = dict(reps=args.reps or (1 if args.quick else 2))
     memory = dict(presets=["cpu-small"] if args.quick else ["cpu-small", "gpt2"], B=8, T=256)
