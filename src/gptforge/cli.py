@@ -10,15 +10,24 @@ import sys
 
 # verb -> (module:function, one-line help). Modules are imported only when their verb runs.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "run": ("gptforge.commands.run:run", "run a pipeline YAML: pretrain -> classify -> instruct -> evaluate -> export"),
+    "run": (
+        "gptforge.commands.run:run",
+        "run a pipeline YAML: pretrain -> classify -> instruct -> evaluate -> export",
+    ),
     "info": ("gptforge.commands.generate:info", "presets, parameter counts and memory"),
     "convert": ("gptforge.commands.model:convert", "convert Hugging Face GPT-2 <-> gptforge checkpoints"),
-    "export": ("gptforge.commands.model:export", "export a gptforge checkpoint as a verified Hugging Face dir"),
+    "export": (
+        "gptforge.commands.model:export",
+        "export a gptforge checkpoint as a verified Hugging Face dir",
+    ),
     "generate": ("gptforge.commands.generate:generate", "generate text from a checkpoint"),
     "evaluate": ("gptforge.commands.evaluate:evaluate", "evaluate a checkpoint or score a responses file"),
     "classify": ("gptforge.commands.evaluate:classify", "label new texts with a classifier checkpoint"),
     "merge": ("gptforge.commands.lora:merge", "fold a LoRA adapter into its base, or export it for PEFT"),
-    "pretrain": ("gptforge.commands.train:pretrain", "train a language model on text (scratch or checkpoint)"),
+    "pretrain": (
+        "gptforge.commands.train:pretrain",
+        "train a language model on text (scratch or checkpoint)",
+    ),
     "finetune": ("gptforge.commands.train:finetune", "finetune: `finetune classify` or `finetune instruct`"),
 }
 

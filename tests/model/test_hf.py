@@ -165,6 +165,90 @@ def test_to_hf_classifier_is_a_copy():
     assert not torch.equal(hf.score.weight, model.score.weight)
 
 
+def test_from_hf_of_a_model_object_shares_no_storage_with_it():
+    hf = make_hf(GPT2LMHeadModel)
+    model = from_hf(hf)
+    theirs = {t.untyped_storage().data_ptr() for t in hf.state_dict().values()}
+    assert not theirs & {p.untyped_storage().data_ptr() for p in model.parameters()}
+    assert model.lm_head.weight is model.tok_emb.weight  # re-tied after the tensors were assigned
+    before = model(torch.tensor([[1, 2, 3]]))
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(1.0)
+    torch.testing.assert_close(model(torch.tensor([[1, 2, 3]])), before, atol=0, rtol=0)
+
+
+def test_from_dir_half_precision_becomes_fp32_and_trainable(tmp_path):
+    hf = make_hf(GPT2LMHeadModel)
+    hf.half().save_pretrained(tmp_path)
+    model = from_hf(tmp_path)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert all(p.requires_grad for p in model.parameters())
+    assert model.lm_head.weight is model.tok_emb.weight
+    _assert_same_logits(model, hf.float())
+
+
+_PEAK_PROBE = """
+import json, sys, torch
+from gptforge.model import hf
+def rss():
+    return int(open('/proc/self/statm').read().split()[1]) * 4096
+def hwm():
+    for line in open('/proc/self/status'):
+        if line.startswith('VmHWM:'):
+            return int(line.split()[1]) * 1024
+hf.from_hf(sys.argv[2])  # imports and lazy set-up paid before measuring
+out = {}
+base = rss()
+try:
+    open('/proc/self/clear_refs', 'w').write('5')
+except OSError:
+    pass
+model = hf.from_hf(sys.argv[1])
+out['from_hf'] = hwm() - base
+out['model'] = sum(p.numel() * 4 for p in model.parameters())
+base = rss()
+try:
+    open('/proc/self/clear_refs', 'w').write('5')
+except OSError:
+    pass
+hf.export(model, sys.argv[3], verify=False)
+out['export'] = hwm() - base
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads peak memory from Linux /proc")
+def test_from_hf_and_export_peak_memory_stay_under_two_models(tmp_path):
+    """The converted tensors become the parameters and each source tensor is read, converted and freed
+    in turn: loading peaks near one model's size (a copy-then-load_state_dict path needs ~2.7)."""
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    big = GPT2LMHeadModel(hf_config(vocab_size=50257, n_positions=64, n_embd=512, n_layer=2, n_head=8))
+    big.save_pretrained(tmp_path / "big")
+    make_hf(GPT2LMHeadModel).save_pretrained(tmp_path / "tiny")
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _PEAK_PROBE,
+            str(tmp_path / "big"),
+            str(tmp_path / "tiny"),
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    m = json.loads(res.stdout.strip().splitlines()[-1])
+    assert m["model"] > 100e6
+    assert m["from_hf"] <= 1.5 * m["model"], m
+    assert m["export"] <= 2.0 * m["model"], m
+
+
 # -- bit-exact round trips --------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "kw",

@@ -55,9 +55,13 @@ class GPTConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
         if self.activation not in ACTIVATIONS:
-            raise ConfigError(f"model.activation={self.activation!r} is not supported; use one of {ACTIVATIONS}")
+            raise ConfigError(
+                f"model.activation={self.activation!r} is not supported; use one of {ACTIVATIONS}"
+            )
         if self.num_labels < 0 or self.num_labels == 1:
-            raise ConfigError(f"model.num_labels={self.num_labels}: use 0 (language model) or 2 or more classes")
+            raise ConfigError(
+                f"model.num_labels={self.num_labels}: use 0 (language model) or 2 or more classes"
+            )
         if self.id2label is not None:
             self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
             if self.num_labels and sorted(self.id2label) != list(range(self.num_labels)):

@@ -211,28 +211,36 @@ def _expected_shapes(cfg: GPTConfig) -> dict[str, torch.Size]:
 
 
 def state_dict_from_hf(hf_sd: Mapping[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
-    """HF GPT-2 tensors (GPT2Model, GPT2LMHeadModel or GPT2ForSequenceClassification) -> gptforge tensors."""
-    body: dict[str, torch.Tensor] = {}
-    for key, tensor in hf_sd.items():
+    """HF GPT-2 tensors (GPT2Model, GPT2LMHeadModel or GPT2ForSequenceClassification) -> gptforge tensors.
+
+    Each source tensor is fetched once, in turn: with a lazy mapping (`read_hf_dir(..., lazy=True)`) a
+    transposed tensor's original is freed before the next one is read, so memory peaks near one model.
+    """
+    keys: dict[str, str] = {}  # body-relative name -> key in hf_sd
+    for key in hf_sd:
         name = key[len(HF_PREFIX) :] if key.startswith(HF_PREFIX) else key
         if _IGNORED_HF.fullmatch(name):
             continue
-        if name in body:
+        if name in keys:
             raise ConversionError(
                 f"tensor {name!r} appears twice (with and without the {HF_PREFIX!r} prefix)"
             )
-        body[name] = tensor
+        keys[name] = key
     out: dict[str, torch.Tensor] = {}
-    for name, tensor in body.items():
+    for name, key in keys.items():
         ours, transpose = _lookup(name, _FROM_HF, "Hugging Face", shown=_hf_name(name))
         if ours == "lm_head.weight" and cfg.tie_embeddings:
-            wte = body.get("wte.weight")
+            tensor = hf_sd[key]
+            wte = out.get("tok_emb.weight")
+            if wte is None and "wte.weight" in keys:
+                wte = hf_sd[keys["wte.weight"]]
             if wte is not None and (wte.shape != tensor.shape or not torch.equal(wte, tensor)):
                 raise ConversionError(
                     "lm_head.weight differs from transformer.wte.weight but the config ties them "
                     "(tie_word_embeddings=True); set tie_word_embeddings=false in config.json to keep both"
                 )
             continue
+        tensor = hf_sd[key]
         if ours.endswith("attn.qkv.bias") and not cfg.qkv_bias:
             if torch.count_nonzero(tensor):
                 raise ConversionError(
@@ -240,6 +248,7 @@ def state_dict_from_hf(hf_sd: Mapping[str, torch.Tensor], cfg: GPTConfig) -> dic
                 )
             continue
         out[ours] = tensor.t().contiguous() if transpose else tensor
+        del tensor
     _check_complete(out, cfg, to_name=lambda k: _hf_name(_lookup(k, _TO_HF, "gptforge")[0]))
     return out
 
@@ -307,8 +316,48 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
         raise ConversionError(f"{path}: cannot read as plain tensors with weights_only=True ({e})") from None
 
 
-def read_hf_dir(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """config.json and the tensors of a local HF GPT-2 directory (single or sharded; safetensors or .bin)."""
+class _LazySafetensors(Mapping):
+    """The tensors of safetensors files, each read from disk when asked for and not kept.
+
+    Reads go through `pread` where safetensors offers it, so no file page stays mapped: converting
+    one tensor at a time then needs about one model of memory, not the file plus the model.
+    """
+
+    def __init__(self, files: list[Path]):
+        from safetensors import safe_open
+
+        self._where: dict[str, Path] = {}
+        for f in files:
+            with self._open(f) as h:
+                for k in h.keys():
+                    self._where[k] = f
+        self._safe_open = safe_open
+
+    @staticmethod
+    def _open(f: Path):
+        from safetensors import safe_open
+
+        try:
+            return safe_open(str(f), framework="pt", device="cpu", backend="pread")
+        except TypeError:  # safetensors < 0.8 has no backend argument
+            return safe_open(str(f), framework="pt", device="cpu")
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        with self._open(self._where[key]) as h:
+            return h.get_tensor(key)
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def read_hf_dir(path: str | os.PathLike, *, lazy: bool = False) -> tuple[dict, Mapping[str, torch.Tensor]]:
+    """config.json and the tensors of a local HF GPT-2 directory (single or sharded; safetensors or .bin).
+
+    lazy=True returns safetensors weights as a mapping that reads each tensor when it is looked up.
+    """
     from safetensors.torch import load_file
 
     p = Path(path)
@@ -319,15 +368,21 @@ def read_hf_dir(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]
     except json.JSONDecodeError as e:
         raise ConversionError(f"{p / 'config.json'}: not valid JSON ({e})") from None
     if (p / _SAFE).is_file():
-        return config, load_file(str(p / _SAFE))
+        return config, (_LazySafetensors([p / _SAFE]) if lazy else load_file(str(p / _SAFE)))
     for index, loader in ((_SAFE_INDEX, lambda f: load_file(str(f))), (_BIN_INDEX, _load_bin)):
         if (p / index).is_file():
             weight_map = json.loads((p / index).read_text(encoding="utf-8")).get("weight_map", {})
-            sd: dict[str, torch.Tensor] = {}
-            for shard in sorted(set(weight_map.values())):
+            shards = sorted(set(weight_map.values()))
+            for shard in shards:
                 if not (p / shard).is_file():
                     raise ConversionError(f"{p / index} lists shard {shard!r}, which is missing")
-                sd.update(loader(p / shard))
+            sd: Mapping[str, torch.Tensor]
+            if lazy and index == _SAFE_INDEX:
+                sd = _LazySafetensors([p / shard for shard in shards])
+            else:
+                sd = {}
+                for shard in shards:
+                    sd.update(loader(p / shard))
             if missing := sorted(set(weight_map) - set(sd)):
                 raise ConversionError(f"{p / index}: tensors {missing[:5]} are not in their shards")
             return config, sd
@@ -357,13 +412,13 @@ def from_hf(source: Any, device: str | torch.device = "cpu") -> GPT:
     if isinstance(source, (str, os.PathLike)):
         p = Path(source).expanduser()
         if p.is_dir():
-            config, hf_sd = read_hf_dir(p)
+            config, hf_sd = read_hf_dir(p, lazy=True)
         elif p.exists() or str(source).startswith((".", "/", "~")) or str(source).count("/") > 1:
             raise ConversionError(
                 f"{source}: no such model directory; pass a Hugging Face model folder or hub id"
             )
         else:
-            config, hf_sd = read_hf_dir(_download(str(source)))
+            config, hf_sd = read_hf_dir(_download(str(source)), lazy=True)
     elif hasattr(source, "state_dict") and hasattr(source, "config"):
         config, hf_sd = source.config, source.state_dict()
     else:
@@ -372,24 +427,42 @@ def from_hf(source: Any, device: str | torch.device = "cpu") -> GPT:
     if not any(k.startswith(HF_PREFIX) or k in HEAD_KEYS for k in hf_sd):
         # A bare GPT2Model (no head at all): give it GPT-2's usual head, tied to the embedding.
         cfg = dataclasses.replace(cfg, tie_embeddings=True)
+    shared = set()  # storages of a caller's transformers model, which ours must not share
+    if not isinstance(source, (str, os.PathLike)):
+        shared = {t.untyped_storage().data_ptr() for t in hf_sd.values()}
     sd = state_dict_from_hf(hf_sd, cfg)
+    del hf_sd
+    for k, v in sd.items():
+        if v.dtype != torch.float32:
+            sd[k] = v.float()
+        elif v.untyped_storage().data_ptr() in shared:
+            sd[k] = v.clone()
     with torch.device("meta"):
         model = GPT(cfg)
-    model.to_empty(device=device)
+    # The converted tensors become the parameters (assign=True), so the model is never held twice.
+    model.load_state_dict(sd, strict=False, assign=True)  # completeness was checked by state_dict_from_hf
+    del sd
     if cfg.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight
-    model.load_state_dict(sd, strict=False)  # completeness was checked by state_dict_from_hf
-    return model.eval()
+    return model.to(device).eval()
 
 
-def to_hf(model: GPT):
-    """A transformers GPT2LMHeadModel (or GPT2ForSequenceClassification) holding a copy of the weights."""
+def to_hf(model: GPT, *, copy: bool = True):
+    """A transformers GPT2LMHeadModel (or GPT2ForSequenceClassification) holding a copy of the weights.
+
+    copy=False shares every tensor that needs no transpose with `model` (what `export` does: the HF
+    model only lives to be saved, and the shared tensors are never held twice).
+    """
     from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
 
     cfg = model.cfg
     hf_cfg = config_to_hf(cfg)
     cls = GPT2ForSequenceClassification if cfg.num_labels else GPT2LMHeadModel
-    sd = {k: v.detach().clone() for k, v in state_dict_to_hf(model.state_dict(), cfg).items()}
+    ours = model.state_dict()
+    sd = {k: v.detach() for k, v in state_dict_to_hf(ours, cfg).items()}
+    if copy:  # transposed tensors are fresh already; clone those still sharing storage with `model`
+        storages = {t.untyped_storage().data_ptr() for t in ours.values()}
+        sd = {k: v.clone() if v.untyped_storage().data_ptr() in storages else v for k, v in sd.items()}
     if not cfg.num_labels and cfg.tie_embeddings:
         sd["lm_head.weight"] = sd[HF_PREFIX + "wte.weight"]
     with torch.device("meta"):
@@ -628,7 +701,7 @@ def export(
             "the exported tokenizer can produce ids the model does not have",
             stacklevel=2,
         )
-    hf = to_hf(model)
+    hf = to_hf(model, copy=False)
 
     def write(tmp: Path) -> None:
         hf.save_pretrained(str(tmp))
