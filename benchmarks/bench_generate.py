@@ -15,6 +15,25 @@ from gptforge.model.gpt import GPT
 from gptforge.model.hf import to_hf
 
 
+def matmul_floor_seconds(model: GPT, B: int, device: str, reps: int = 7) -> float:
+    """Median time of just the weight matmuls of one decoding step (every block's four Linear layers
+    and the LM head, batch B, one token per row), with the kernels both sides call. Greedy decoding
+    cannot beat it: at batch 1 it is bound by reading every weight once from memory."""
+    import torch.nn.functional as F
+
+    mods = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    xs = {m.in_features: torch.randn(B, m.in_features, device=device) for m in mods}
+
+    def step():
+        with torch.inference_mode():
+            for m in mods:
+                F.linear(xs[m.in_features], m.weight, m.bias)
+
+    step()
+    times = interleaved({"floor": step}, reps=reps, warmup=1, device=device)["floor"]
+    return median(times)
+
+
 def run(
     preset: str,
     batches: list[int],
@@ -63,6 +82,7 @@ def run(
             outputs=outs,
         )
         tps = {k: B * new_tokens / median(v) for k, v in times.items()}
+        floor_tps = B / matmul_floor_seconds(model, B, device)
         target = {1: 2.0, 8: 1.3}.get(B) if preset == "gpt2" else None
         rows.append(
             record(
@@ -77,10 +97,13 @@ def run(
                 samples=times,
                 same_tokens=outs["gptforge"] == outs["transformers"],
                 prompt_tokens=prompt_len,
+                matmul_floor_tokens_per_s=round(floor_tps, 2),
+                share_of_floor={k: round(v / floor_tps, 3) for k, v in tps.items()},
             )
         )
         log(
-            f"generate: {label}: gptforge {tps['gptforge']:.1f} tok/s, transformers {tps['transformers']:.1f}"
+            f"generate: {label}: gptforge {tps['gptforge']:.1f} tok/s, transformers {tps['transformers']:.1f}, "
+            f"weight matmuls alone {floor_tps:.1f}"
         )
 
     if no_cache_tokens:

@@ -280,6 +280,20 @@ def _details(r: dict) -> list[str]:
         )
     elif r["benchmark"] == "generate":
         out.append(f"- {r['case']}: identical token ids: {r['same_tokens']}")
+        floor = r.get("matmul_floor_tokens_per_s")
+        if floor:
+            share = r.get("share_of_floor", {})
+            out.append(
+                f"- {r['case']}: the weight matmuls alone (every Linear and the LM head, no attention, no "
+                f"Python) run at {_fmt(floor)} tokens/s; gptforge reaches {_pct(share.get('gptforge'))} of "
+                f"that, the baseline {_pct(share.get('transformers', share.get('no_cache')))}"
+            )
+            if r.get("target") and r.get("met") is False:
+                need = r["target"] * r["baseline"]
+                out.append(
+                    f"- {r['case']}: {r['target']}x the baseline would need {_fmt(need)} tokens/s, "
+                    f"{need / floor:.2f}x what the weight matmuls alone allow"
+                )
     elif r["benchmark"] == "data":
         out.append(f"- tokens in blocks: {r['block_tokens']}")
     elif r["benchmark"] == "convert":
