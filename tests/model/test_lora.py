@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
 from safetensors.torch import load_file
 
 from gptforge.cli import main as cli_main
 from gptforge.errors import CheckpointError, ConfigError
 from gptforge.model import GPT, GPTConfig
+from gptforge.model import gpt as gpt_mod
 from gptforge.model.checkpoint import load_checkpoint, save_checkpoint, state_dict_for_save
 from gptforge.model.lora import (
     LoRAConfig,
@@ -408,7 +408,9 @@ def test_cli_merge_writes_checkpoint_and_peft(tmp_path, hf_base, capsys):
     assert json.loads((tmp_path / "merged" / "run.json").read_text()) == {"seed": 3}
     assert merged.cfg.id2label == {0: "ham", 1: "spam"}
     assert not any(isinstance(m, LoRALinear) for m in merged.modules())
-    assert all(type(m) is nn.Linear for n, m in merged.named_modules() if n.endswith(("qkv", "fc", "score")))
+    assert all(
+        type(m) is gpt_mod.Linear for n, m in merged.named_modules() if n.endswith(("qkv", "fc", "score"))
+    )
 
 
 def test_cli_merge_user_errors(tmp_path, capsys):

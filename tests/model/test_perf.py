@@ -169,3 +169,41 @@ def test_compiled_training_loss_and_grads_equal_eager():
     torch.testing.assert_close(c_loss, loss, atol=1e-5, rtol=1e-5)
     for a, b in zip(c_grads, grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def _ops(fn) -> set[str]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages()}
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(1, 1), (8, 1), (2, 3), (128, 1), (4, 32)])
+def test_few_row_inference_linear_equals_f_linear(bias, shape):
+    """(W @ x.T).T for <= SKINNY_ROWS rows in CPU inference: the same values as F.linear (fp32 rounding)."""
+    from gptforge.model.gpt import SKINNY_ROWS, Linear
+
+    lin = Linear(48, 96, bias=bias)
+    x = torch.randn(*shape, 48)
+    with torch.no_grad():
+        out = lin(x)
+        ops = _ops(lambda: lin(x))
+    assert out.shape == (*shape, 96) and out.is_contiguous()
+    torch.testing.assert_close(out, F.linear(x, lin.weight, lin.bias), atol=1e-5, rtol=1e-5)
+    skinny = x.numel() // 48 <= SKINNY_ROWS
+    assert ("aten::linear" not in ops) == skinny, ops
+
+
+def test_linear_keeps_f_linear_for_training_many_rows_and_autocast():
+    from gptforge.model.gpt import Linear
+
+    lin = Linear(16, 8)
+    x = torch.randn(4, 16)
+    y = lin(x)  # grad enabled: the training path, bit-identical to F.linear
+    assert torch.equal(y, F.linear(x, lin.weight, lin.bias)) and y.requires_grad
+    with torch.no_grad():
+        assert "aten::linear" in _ops(lambda: lin(torch.randn(129, 16)))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert "aten::linear" in _ops(lambda: lin(x))

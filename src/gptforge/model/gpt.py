@@ -15,6 +15,32 @@ import torch.nn.functional as F
 from gptforge.model.config import GPTConfig
 from gptforge.model.perf import fused_linear_cross_entropy
 
+# Up to this many rows (tokens in the batch), CPU inference computes x @ W.T as (W @ x.T).T: measured on
+# a 2-core AVX2 EPYC with gpt2's shapes, that form of the same GEMM is 1.4x (blocks) to 1.8x (50k LM head)
+# faster at 8 rows and never slower from 1 to 128 rows. Decoding steps and short prompts use it.
+SKINNY_ROWS = 128
+
+
+class Linear(nn.Linear):
+    """nn.Linear with a faster kernel choice for few rows in CPU inference; same parameters, same math."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // max(1, x.shape[-1])
+        if (
+            rows <= SKINNY_ROWS
+            and x.device.type == "cpu"
+            and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu")
+            and x.dtype == self.weight.dtype
+        ):
+            x2 = x.reshape(rows, x.shape[-1]).t()
+            if self.bias is None:
+                out = torch.mm(self.weight, x2)
+            else:
+                out = torch.addmm(self.bias[:, None], self.weight, x2)
+            return out.t().contiguous().reshape(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight, self.bias)
+
 
 class KVCache:
     """Preallocated keys and values for every layer: (batch, heads, max_len, head_dim) each."""
@@ -47,8 +73,8 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_heads = cfg.n_heads
         self.head_dim = cfg.head_dim
-        self.qkv = nn.Linear(cfg.emb_dim, 3 * cfg.emb_dim, bias=cfg.qkv_bias)
-        self.proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
+        self.qkv = Linear(cfg.emb_dim, 3 * cfg.emb_dim, bias=cfg.qkv_bias)
+        self.proj = Linear(cfg.emb_dim, cfg.emb_dim)
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
 
@@ -81,8 +107,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
-        self.fc = nn.Linear(cfg.emb_dim, cfg.hidden_dim)
-        self.proj = nn.Linear(cfg.hidden_dim, cfg.emb_dim)
+        self.fc = Linear(cfg.emb_dim, cfg.hidden_dim)
+        self.proj = Linear(cfg.hidden_dim, cfg.emb_dim)
         self.approximate = "tanh" if cfg.activation == "gelu_new" else "none"
         self.drop = nn.Dropout(cfg.dropout)
 
@@ -119,10 +145,10 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.emb_dim, eps=cfg.layer_norm_eps)
-        self.lm_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight  # one shared Parameter
-        self.score = nn.Linear(cfg.emb_dim, cfg.num_labels, bias=False) if cfg.num_labels else None
+        self.score = Linear(cfg.emb_dim, cfg.num_labels, bias=False) if cfg.num_labels else None
         if self.tok_emb.weight.device.type != "meta":  # meta models get real weights loaded (from_hf)
             self.reset_parameters()
 
@@ -162,7 +188,7 @@ class GPT(nn.Module):
         cfg.id2label = id2label
         cfg.validate()
         p = self.tok_emb.weight
-        self.score = nn.Linear(cfg.emb_dim, num_labels, bias=False, device=p.device, dtype=p.dtype)
+        self.score = Linear(cfg.emb_dim, num_labels, bias=False, device=p.device, dtype=p.dtype)
         nn.init.normal_(self.score.weight, mean=0.0, std=0.02)
 
     # -- sizes ---------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from gptforge.model.checkpoint import (
     write_json,
 )
 from gptforge.model.config import GPTConfig
-from gptforge.model.gpt import GPT
+from gptforge.model.gpt import GPT, Linear
 
 # Our target names (module paths inside a block, plus the head) and their transformers GPT-2 names.
 BLOCK_TARGETS: dict[str, str] = {
@@ -261,7 +261,7 @@ def merge_lora(model: GPT) -> GPT:
     """
     for name, m in lora_modules(model).items():
         m.weight.add_(m.delta_weight().to(m.weight.dtype))
-        plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+        plain = Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
         plain.weight, plain.bias = m.weight, m.bias
         _set_module(model, name, plain)
     for p in model.parameters():
