@@ -284,9 +284,10 @@ def _details(r: dict) -> list[str]:
         if floor:
             share = r.get("share_of_floor", {})
             out.append(
-                f"- {r['case']}: the weight matmuls alone (every Linear and the LM head, no attention, no "
-                f"Python) run at {_fmt(floor)} tokens/s; gptforge reaches {_pct(share.get('gptforge'))} of "
-                f"that, the baseline {_pct(share.get('transformers', share.get('no_cache')))}"
+                f"- {r['case']}: the weight matmuls alone (every Linear and the LM head in the fastest of three "
+                f"GEMM forms, no attention, no Python) run at {_fmt(floor)} tokens/s; gptforge reaches "
+                f"{_pct(share.get('gptforge'))} of that, the baseline "
+                f"{_pct(share.get('transformers', share.get('no_cache')))}"
             )
             if r.get("target") and r.get("met") is False:
                 need = r["target"] * r["baseline"]
