@@ -75,7 +75,7 @@ def plan(args: argparse.Namespace, device: str) -> dict:
         batches=[1, 8],
         new_tokens=32 if args.quick else 256,
         prompt_len=32,
-        reps={1: args.reps or 3, 8: args.reps or (3 if cuda else 2)},
+        reps={1: args.reps or 5, 8: args.reps or 3},
         no_cache_tokens=32 if args.quick else 256,
     )
     data = dict(
