@@ -324,14 +324,11 @@ class _LazySafetensors(Mapping):
     """
 
     def __init__(self, files: list[Path]):
-        from safetensors import safe_open
-
         self._where: dict[str, Path] = {}
         for f in files:
             with self._open(f) as h:
                 for k in h.keys():
                     self._where[k] = f
-        self._safe_open = safe_open
 
     @staticmethod
     def _open(f: Path):
