@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import resource
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -207,3 +212,43 @@ def test_linear_keeps_f_linear_for_training_many_rows_and_autocast():
         assert "aten::linear" in _ops(lambda: lin(torch.randn(129, 16)))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert "aten::linear" in _ops(lambda: lin(x))
+
+
+# Allocates, fills and frees a 64 MiB tensor 16 times, like a training step's biggest buffer; prints whether
+# the allocator setting took and the page faults of the last 4 rounds (a fresh mmap faults in all 16,384
+# pages; a reused heap block none; the heap needs a few rounds before a freed block fits the next request).
+_ALLOC_PROBE = """
+import resource, torch
+from gptforge.model import perf
+tuned = perf.keep_freed_memory()
+def faults():
+    r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    t = torch.empty(16 << 20)
+    t.fill_(1.0)
+    n = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0
+    del t
+    return n
+print(tuned, *[faults() for _ in range(16)][-4:])
+"""
+
+
+@pytest.mark.skipif(perf._glibc() is None, reason="the setting exists for glibc's allocator only")
+@pytest.mark.parametrize("env", ["", "default"])
+def test_keep_freed_memory_reuses_big_buffers_without_page_faults(env):
+    env_vars = {**os.environ, "GPTFORGE_MALLOC": env, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", _ALLOC_PROBE], env=env_vars, capture_output=True, text=True, check=True
+    )
+    tuned, *faults = out.stdout.split()
+    pages = (64 << 20) // resource.getpagesize()
+    if env == "default":  # left alone: glibc maps every 64 MiB tensor anew
+        assert tuned == "False" and min(map(int, faults)) >= pages // 2
+    else:
+        assert tuned == "True" and sum(map(int, faults)) < pages // 50
+
+
+def test_keep_freed_memory_is_a_no_op_without_glibc(monkeypatch):
+    monkeypatch.setattr(perf, "_allocator_tuned", False)
+    monkeypatch.setattr(perf, "_glibc", lambda: None)
+    assert perf.keep_freed_memory() is False
+    perf.release_freed_memory()  # nothing to release, no error

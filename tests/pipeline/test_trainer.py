@@ -283,3 +283,13 @@ def test_optimizer_is_fused_adamw_with_decay_groups():
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     assert id(model.blocks[0].attn.qkv.weight) in decayed
     assert id(model.blocks[0].attn.qkv.bias) not in decayed and id(model.tok_emb.weight) not in decayed
+
+
+def test_cpu_training_keeps_freed_memory_and_releases_it_after(tmp_path, monkeypatch):
+    import gptforge.pipeline.trainer as trainer_mod
+
+    calls = []
+    monkeypatch.setattr(trainer_mod, "keep_freed_memory", lambda: calls.append("keep") or True)
+    monkeypatch.setattr(trainer_mod, "release_freed_memory", lambda: calls.append("release"))
+    fit(make_cfg(tmp_path / "m", epochs=1))
+    assert calls == ["keep", "release"]
