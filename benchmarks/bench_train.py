@@ -116,23 +116,29 @@ def run(
     device: str,
     compile_model: bool,
     peaks: dict,
+    allocator: str = "default",
 ) -> list[dict]:
+    """Rows per preset and precision; `allocator` names the glibc setting in force ("default" or "kept")."""
     rows = []
     for preset in presets:
         for precision in precisions:
             label = f"{preset} B{B} T{T} {'fp32' if precision == 'no' else precision}"
+            label += ", freed memory kept" if allocator == "kept" else ""
             log(f"train: {label} (compile={compile_model}) ...")
             fns = _step_fns(preset, B, T, precision, device, compile_model)
             t0 = time.perf_counter()
             fns["gptforge"]()  # first call: compile, if any
             first_ours = time.perf_counter() - t0
             fns["transformers"]()
-            # The first calls above were the warm-up (compile, allocator, optimizer state).
+            # The first calls above were the warm-up (compile, optimizer state); one more round lets the
+            # heap settle where freed memory is kept (--malloc kept takes a few steps to fit).
+            usage: dict = {}
             times = interleaved(
                 {"gptforge": fns["gptforge"], "transformers": fns["transformers"]},
                 reps=reps[preset],
-                warmup=0,
+                warmup=1,
                 device=device,
+                usage=usage,
             )
             cfg, tokens = fns["cfg"], B * T
             tps = {k: tokens / median(v) for k, v in times.items()}
@@ -161,12 +167,18 @@ def run(
                     mfu={k: (round(v, 4) if v is not None else None) for k, v in mfu.items()},
                     first_loss=l0,
                     first_loss_equal=bool(loss_diff <= tol and math.isfinite(loss_diff)),
+                    allocator=allocator,
+                    # CPU seconds the kernel spent per step (mostly zeroing freshly mapped pages) and
+                    # minor page faults per step: memory churn that the tokens/s include.
+                    kernel_s_per_step={k: round(median(u["kernel_s"]), 2) for k, u in usage.items()},
+                    page_faults_per_step={k: int(median(u["minor_faults"])) for k, u in usage.items()},
                 )
             )
             log(
                 f"train: {label}: gptforge {tps['gptforge']:.0f} tok/s, transformers "
                 f"{tps['transformers']:.0f} tok/s, ratio {tps['gptforge'] / tps['transformers']:.2f}; "
-                f"first losses {l0}"
+                f"first losses {l0}; kernel s/step {rows[-1]['kernel_s_per_step']}, "
+                f"page faults/step {rows[-1]['page_faults_per_step']}"
             )
             del fns
     return rows

@@ -38,10 +38,12 @@ def interleaved(
     warmup: int = 1,
     device: str = "cpu",
     outputs: dict[str, Any] | None = None,
+    usage: dict[str, dict[str, list[float]]] | None = None,
 ) -> dict[str, list[float]]:
     """Seconds per call of each case: `warmup` untimed calls each, then `reps` rounds in ABBA order.
 
-    With `outputs`, each case's last return value is stored there (to check both sides agree).
+    With `outputs`, each case's last return value is stored there (to check both sides agree). With
+    `usage`, each timed call's CPU seconds in the kernel and minor page faults (getrusage) go there.
     """
     names = list(cases)
     for _ in range(warmup):
@@ -52,10 +54,16 @@ def interleaved(
     for r in range(reps):
         for n in names if r % 2 == 0 else names[::-1]:
             sync(device)
+            r0 = resource.getrusage(resource.RUSAGE_SELF)
             t0 = time.perf_counter()
             out = cases[n]()
             sync(device)
             times[n].append(time.perf_counter() - t0)
+            if usage is not None:
+                r1 = resource.getrusage(resource.RUSAGE_SELF)
+                u = usage.setdefault(n, {"kernel_s": [], "minor_faults": []})
+                u["kernel_s"].append(round(r1.ru_stime - r0.ru_stime, 3))
+                u["minor_faults"].append(r1.ru_minflt - r0.ru_minflt)
             if outputs is not None:
                 outputs[n] = out
     return times

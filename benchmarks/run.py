@@ -43,6 +43,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "inductor compile of gpt2 takes minutes on a small CPU)",
     )
     p.add_argument(
+        "--malloc",
+        choices=("default", "kept"),
+        default="default",
+        help="glibc allocator for the whole run, both sides: as is, or freed memory kept for reuse "
+        "(gptforge.model.perf.keep_freed_memory, what gptforge's trainer sets on CPU); rows of each "
+        "setting are kept apart in the results",
+    )
+    p.add_argument(
         "--data-path", default=None, help="tinyshakespeare.txt (default: $GPTFORGE_DATA_DIR/text/)"
     )
     p.add_argument("--out-dir", default=str(HERE), help="where results.json and RESULTS.md go")
@@ -68,7 +76,7 @@ def plan(args: argparse.Namespace, device: str) -> dict:
             presets=["cpu-small", "gpt2"],
             B=8,
             T=256,
-            reps={"cpu-small": args.reps or 3, "gpt2": args.reps or 2},
+            reps={"cpu-small": args.reps or 3, "gpt2": args.reps or 4},
         )
     gen = dict(
         preset="gpt2",
@@ -93,8 +101,15 @@ def run_benchmarks(args: argparse.Namespace) -> tuple[dict, list[dict]]:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.malloc == "kept":
+        from gptforge.model.perf import keep_freed_memory
+
+        if not keep_freed_memory():
+            raise SystemExit("--malloc kept: needs glibc on Linux and GPTFORGE_MALLOC unset")
     meta = machine_info()
-    meta.update(device=device, quick=args.quick, started=time.strftime("%Y-%m-%d %H:%M:%S"))
+    meta.update(
+        device=device, quick=args.quick, allocator=args.malloc, started=time.strftime("%Y-%m-%d %H:%M:%S")
+    )
     sizes = plan(args, device)
     meta["sizes"] = {k: v for k, v in sizes.items() if k in args.only}
     rows: list[dict] = []
@@ -110,7 +125,15 @@ def run_benchmarks(args: argparse.Namespace) -> tuple[dict, list[dict]]:
         log(f"matmul peak: {peaks}")
         compile_model = args.compile == "on" or (args.compile == "auto" and device == "cuda")
         rows += bt.run(
-            s["presets"], bt.precisions_for(device), s["B"], s["T"], s["reps"], device, compile_model, peaks
+            s["presets"],
+            bt.precisions_for(device),
+            s["B"],
+            s["T"],
+            s["reps"],
+            device,
+            compile_model,
+            peaks,
+            allocator=args.malloc,
         )
     if "generate" in args.only:
         import bench_generate as bg
@@ -149,13 +172,21 @@ def run_benchmarks(args: argparse.Namespace) -> tuple[dict, list[dict]]:
 
 
 def merge(out_dir: Path, meta: dict, rows: list[dict], ran: list[str]) -> dict:
-    """Keep earlier results of benchmarks not run now, so `--only` refreshes just its own rows."""
+    """Keep earlier results of benchmarks not run now, so `--only` refreshes just its own rows.
+
+    A benchmark run under the other `--malloc` setting counts as another benchmark: both are kept.
+    """
     path = out_dir / "results.json"
     runs, kept = {}, []
     if path.is_file():
         try:
             old = json.loads(path.read_text(encoding="utf-8"))
-            kept = [r for r in old.get("results", []) if r.get("benchmark") not in ran]
+            alloc = meta.get("allocator", "default")
+            kept = [
+                r
+                for r in old.get("results", [])
+                if r.get("benchmark") not in ran or r.get("allocator", "default") != alloc
+            ]
             runs = {k: v for k, v in old.get("runs", {}).items() if any(r.get("run") == k for r in kept)}
         except (json.JSONDecodeError, AttributeError):
             kept, runs = [], {}
@@ -188,7 +219,8 @@ def markdown(doc: dict) -> str:
     ]
     for stamp, meta in doc["runs"].items():
         lines += [
-            f"## Machine (run {stamp}{', --quick' if meta.get('quick') else ''})",
+            f"## Machine (run {stamp}{', --quick' if meta.get('quick') else ''}"
+            f"{', --malloc kept' if meta.get('allocator') == 'kept' else ''})",
             "",
             f"- CPU: {meta['cpu']} ({meta['cpu_count']} logical cores, torch threads {meta['torch_threads']}, "
             f"{meta['cpu_capability']}, native bf16: {meta['cpu_native_bf16']}); GPU: {meta['gpu'] or 'none'}; "
@@ -278,6 +310,13 @@ def _details(r: dict) -> list[str]:
             f"torch.compile: {r['compiled']} (first step {r['first_step_s']} s); first-step losses equal: "
             f"{r['first_loss_equal']} ({r['first_loss']['gptforge']:.5f} vs {r['first_loss']['transformers']:.5f})"
         )
+        ks, pf = r.get("kernel_s_per_step"), r.get("page_faults_per_step")
+        if ks and pf:
+            out.append(
+                f"- {r['case']}: per step, CPU seconds in the kernel {ks.get('gptforge')} / {ks.get('transformers')} "
+                f"and minor page faults {pf.get('gptforge'):,} / {pf.get('transformers'):,} (gptforge / "
+                f"transformers; allocator: {'freed memory kept' if r.get('allocator') == 'kept' else 'glibc default'})"
+            )
     elif r["benchmark"] == "generate":
         out.append(f"- {r['case']}: identical token ids: {r['same_tokens']}")
         floor = r.get("matmul_floor_tokens_per_s")
