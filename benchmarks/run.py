@@ -105,7 +105,12 @@ def run_benchmarks(args: argparse.Namespace) -> tuple[dict, list[dict]]:
         from gptforge.model.perf import keep_freed_memory
 
         if not keep_freed_memory():
-            raise SystemExit("--malloc kept: needs glibc on Linux and GPTFORGE_MALLOC unset")
+            print(
+                "run.py: --malloc kept needs glibc on Linux with GPTFORGE_MALLOC unset; "
+                "unset it or drop --malloc kept",
+                file=sys.stderr,
+            )
+            raise SystemExit(2)
     meta = machine_info()
     meta.update(
         device=device, quick=args.quick, allocator=args.malloc, started=time.strftime("%Y-%m-%d %H:%M:%S")
