@@ -136,9 +136,8 @@ def keep_freed_memory() -> bool:
 
 def release_freed_memory() -> None:
     """Hand the heap's free pages back to the kernel (after training, where `keep_freed_memory` held them)."""
-    libc = _glibc()
-    if _allocator_tuned and libc is not None:
-        libc.malloc_trim(0)
+    if _allocator_tuned:  # only ever set where _glibc() found the library
+        _glibc().malloc_trim(0)
 
 
 def _chunk_rows(n_rows: int, vocab: int, chunk_elements: int) -> int:
