@@ -363,7 +363,7 @@ def _pct(x) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gptforge.model.checkpoint import write_json
+    from gptforge.io import write_json
 
     args = parse_args(argv)
     out_dir = Path(args.out_dir)

@@ -273,7 +273,7 @@ def classify(argv: list[str]) -> int:
     if n_cut:
         print(f"note: {n_cut} of {len(results)} texts were truncated to fit the model", file=sys.stderr)
     if ns.out:
-        from gptforge.pipeline.evaluate import write_jsonl
+        from gptforge.io import write_jsonl
 
         write_jsonl(ns.out, results)
     return 0

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from gptforge.errors import CheckpointError
+from gptforge.io import atomic_dir, write_json
 from gptforge.model.config import GPTConfig
 from gptforge.model.gpt import GPT
 
@@ -46,39 +44,6 @@ def load_weights_into(model: GPT, sd: dict[str, torch.Tensor], source: str = "ch
             f"{source}: tensors do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     model.load_state_dict(sd, strict=False)  # tied lm_head.weight is covered by tok_emb.weight
-
-
-def atomic_dir(out_dir: str | os.PathLike, write: Callable[[Path], None], overwrite: bool = True) -> Path:
-    """Write a directory through `write(tmp)` into a sibling temp dir, then rename it into place.
-
-    An existing `out_dir` is replaced only after the new one is complete, so it is never half-overwritten.
-    """
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"{out} already exists; pass overwrite=True or choose another directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        write(tmp)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-def write_json(path: str | os.PathLike, obj) -> None:
-    """Write JSON atomically (temp file, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def save_checkpoint(

@@ -678,7 +678,7 @@ def export(
     The dir is built and checked in a sibling temp dir and renamed into place only when it passed,
     so a failed export leaves no trace and an existing dir is never half-overwritten.
     """
-    from gptforge.model.checkpoint import atomic_dir, write_json
+    from gptforge.io import atomic_dir, write_json
     from gptforge.model.tokenizer import N_VOCAB
 
     out = Path(out_dir)

@@ -26,13 +26,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptforge.errors import CheckpointError, ConfigError, ConversionError
+from gptforge.io import atomic_dir, write_json
 from gptforge.model.checkpoint import (
     CONFIG,
-    atomic_dir,
     is_checkpoint,
     load_checkpoint,
     read_json,
-    write_json,
 )
 from gptforge.model.config import GPTConfig
 from gptforge.model.gpt import GPT, Linear

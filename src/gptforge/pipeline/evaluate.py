@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from gptforge.errors import DataError, GPTForgeError
-from gptforge.model.checkpoint import atomic_dir, write_json
+from gptforge.io import atomic_dir, write_json, write_jsonl
 from gptforge.pipeline.judge import JudgeConfig, judge_records, write_judgments
 from gptforge.tasks.instruct import RESPONSE_HEADER, extract_response
 
@@ -389,20 +389,6 @@ def render_report(metrics: dict) -> str:
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
-    """One JSON object a line, written to a temp file and renamed into place."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # -- scoring responses (with or without a model) -------------------------------------------------------

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from gptforge.errors import ConfigError, GPTForgeError
-from gptforge.model.checkpoint import write_json
+from gptforge.io import write_json
 
 STAGES = ("pretrain", "classify", "instruct", "evaluate", "export")
 TRAIN_STAGES = ("pretrain", "classify", "instruct")

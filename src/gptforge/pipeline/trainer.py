@@ -38,7 +38,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptforge.errors import ConfigError, TrainingError
-from gptforge.model.checkpoint import atomic_dir, save_checkpoint, write_json
+from gptforge.io import atomic_dir, write_json
+from gptforge.model.checkpoint import save_checkpoint
 from gptforge.model.gpt import GPT
 from gptforge.model.lora import describe_trainable, lora_config, register_adapter_checkpointing, save_adapter
 from gptforge.model.perf import keep_freed_memory, release_freed_memory

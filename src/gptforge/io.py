@@ -1,0 +1,311 @@
+"""The bottom layer for files: atomic writes, integrity manifests and content hashes. Used everywhere.
+
+Every file or directory gptforge writes goes through here, so that a kill, a full disk or a permission
+problem never leaves a half-written output under its final name:
+- `write_text`, `write_json`, `write_jsonl`: a sibling temp file, then `os.replace`.
+- `atomic_dir`: a whole directory is built in a sibling temp dir and renamed into place.
+- Temp names carry the writer's pid (`.NAME.tmp-PID-XXXX`); `clean_stale_temps` removes the ones whose
+  writer is gone, so a killed export or save leaves nothing behind for long.
+- Final files and dirs get the permissions the umask gives (as `save_pretrained` does), not mkdtemp's 0700.
+- `write_file_manifest` / `verify_file_manifest`: sizes and sha256 of a directory's files, written last;
+  a directory whose manifest verifies is complete and intact.
+- `content_hash`: the hash of a file or directory's content, cached on (path, size, mtime).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from gptforge.errors import CheckpointError, GPTForgeError
+
+FILE_MANIFEST = "files.sha256.json"
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)(?:-[0-9a-f]+)?$")
+
+
+class StorageError(GPTForgeError):
+    """A file or directory cannot be written or read: full disk, no permission."""
+
+
+# -- permissions and errors ---------------------------------------------------------------------------
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _dir_mode() -> int:
+    return 0o777 & ~_umask()
+
+
+def _tree_size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
+def _mb(n: int | float) -> str:
+    return f"{n / 2**20:,.1f} MB"
+
+
+def storage_error(e: OSError, path: str | os.PathLike, need_bytes: int | None = None) -> GPTForgeError:
+    """An OSError a user can fix (full disk, no permission, read-only) as one line; others unchanged."""
+    p = Path(path)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            free = shutil.disk_usage(_existing_parent(p)).free
+            have = f"; {_mb(free)} free"
+        except OSError:
+            have = ""
+        need = f" (needs about {_mb(need_bytes)}{have})" if need_bytes else (f" ({have[2:]})" if have else "")
+        return StorageError(f"{p}: no space left on the device{need}; free some space or write elsewhere")
+    if e.errno in (errno.EACCES, errno.EPERM):
+        target = e.filename or p
+        return StorageError(f"{target}: permission denied; fix the permissions or choose another path")
+    if e.errno == errno.EROFS:
+        return StorageError(f"{p}: the file system is read-only; write elsewhere")
+    return e  # type: ignore[return-value]
+
+
+def _existing_parent(p: Path) -> Path:
+    p = p.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def read_bytes_checked(path: str | os.PathLike, what: str = "file") -> bytes:
+    """Read a file, turning permission problems into one line."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        err = storage_error(e, path)
+        if err is e:
+            raise CheckpointError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
+        raise err from None
+
+
+# -- temp names ------------------------------------------------------------------------------------
+
+
+def _temp_path(path: Path, kind: str = "tmp") -> Path:
+    return path.with_name(f".{path.name}.{kind}-{os.getpid()}-{secrets.token_hex(3)}")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temps(parent: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Remove `.NAME.tmp-PID-*` / `.NAME.old-PID-*` entries in `parent` whose writer process is gone.
+
+    `name` limits it to one destination's temps. Returns what was removed.
+    """
+    root = Path(parent)
+    if not root.is_dir():
+        return []
+    removed = []
+    for entry in root.iterdir():
+        m = _TEMP.match(entry.name)
+        if not m or (name is not None and m.group("name") != name) or _alive(int(m.group("pid"))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+# -- atomic writes ---------------------------------------------------------------------------------
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write a file atomically: a sibling temp file, flushed, then renamed over `path`."""
+    path = Path(path)
+    tmp = _temp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        err = storage_error(e, path, need_bytes=len(data))
+        if err is e:
+            raise
+        raise err from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write UTF-8 text atomically."""
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | os.PathLike, obj, indent: int | None = 2) -> Path:
+    """Write JSON atomically (UTF-8, not ASCII-escaped, a trailing newline)."""
+    return write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
+    """Write one JSON object a line, atomically."""
+    return write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def atomic_dir(
+    out_dir: str | os.PathLike,
+    write: Callable[[Path], None],
+    overwrite: bool = True,
+    need_bytes: int | None = None,
+) -> Path:
+    """Build a directory through `write(tmp)` in a sibling temp dir, then rename it into place.
+
+    An existing `out_dir` is replaced only once the new one is complete, so it is never half-overwritten;
+    a failure (a full disk included) removes the temp dir and leaves `out_dir` as it was. Stale temps of
+    the same destination from killed writers are removed first. The result has umask permissions.
+    """
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out} already exists; pass overwrite=True or choose another directory")
+    tmp = _temp_path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_temps(out.parent, out.name)
+        tmp.mkdir(mode=_dir_mode())
+        write(tmp)
+        _fix_modes(tmp)
+        if out.exists():
+            old = _temp_path(out, "old")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except OSError as e:
+        written = _tree_size(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        err = storage_error(e, out, need_bytes=need_bytes or (written or None))
+        if err is e:
+            raise
+        raise err from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _fix_modes(root: Path) -> None:
+    """Give a tree built by a library that used 0600/0700 temp files the umask's permissions."""
+    dmode, fmode = _dir_mode(), 0o666 & ~_umask()
+    os.chmod(root, dmode)
+    for p in root.rglob("*"):
+        if p.is_symlink():
+            continue
+        os.chmod(p, dmode if p.is_dir() else (fmode | (p.stat().st_mode & 0o111 & ~_umask())))
+
+
+# -- hashing and integrity manifests ---------------------------------------------------------------
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+_HASH_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def _file_hash_cached(f: Path) -> str:
+    st = f.stat()
+    key = (str(f.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASH_CACHE:
+        _HASH_CACHE[key] = sha256_file(f)
+    return _HASH_CACHE[key]
+
+
+def content_hash(path: str | os.PathLike, ignore: Callable[[Path], bool] | None = None) -> str:
+    """A short hash of a file's bytes, or of a directory's relative names and bytes.
+
+    Each file's sha256 is cached on (path, size, mtime) for the life of the process, so a corpus that did
+    not change is not read twice.
+    """
+    p = Path(path)
+    h = hashlib.sha256()
+    if p.is_file():
+        h.update(_file_hash_cached(p).encode())
+    elif p.is_dir():
+        for f in sorted(x for x in p.rglob("*") if x.is_file()):
+            rel = f.relative_to(p)
+            if ignore is not None and ignore(rel):
+                continue
+            h.update(str(rel.as_posix()).encode() + b"\0" + _file_hash_cached(f).encode())
+    else:
+        raise FileNotFoundError(errno.ENOENT, "no such file or directory", str(p))
+    return h.hexdigest()[:16]
+
+
+def write_file_manifest(directory: str | os.PathLike) -> Path:
+    """Record every file's size and sha256 in `directory/files.sha256.json`. Call it last: its presence
+    is what marks the directory complete."""
+    d = Path(directory)
+    files = {
+        f.relative_to(d).as_posix(): {"size": f.stat().st_size, "sha256": sha256_file(f)}
+        for f in sorted(x for x in d.rglob("*") if x.is_file())
+        if f.name != FILE_MANIFEST and not _TEMP.match(f.name)
+    }
+    return write_json(d / FILE_MANIFEST, {"version": 1, "files": files})
+
+
+def verify_file_manifest(directory: str | os.PathLike, required: bool = True, deep: bool = True) -> bool:
+    """Check a directory against its manifest; raise CheckpointError naming the first bad file.
+
+    Returns False (and checks nothing) when there is no manifest and `required` is False: directories
+    written before manifests existed still load. `deep=False` checks sizes only.
+    """
+    d = Path(directory)
+    mf = d / FILE_MANIFEST
+    if not mf.is_file():
+        if required:
+            raise CheckpointError(f"{d}: no {FILE_MANIFEST}, so it is incomplete (its writer was stopped)")
+        return False
+    try:
+        files = json.loads(mf.read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{mf}: unreadable integrity manifest ({e}); the directory is damaged") from None
+    for rel, rec in files.items():
+        f = d / rel
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing (listed in {FILE_MANIFEST}); the directory is damaged")
+        size = f.stat().st_size
+        if size != rec["size"]:
+            raise CheckpointError(
+                f"{f}: {size} bytes, {rec['size']} expected (truncated or replaced); the directory is damaged"
+            )
+        if deep and _file_hash_cached(f) != rec["sha256"]:
+            raise CheckpointError(f"{f}: sha256 differs from {FILE_MANIFEST}; the directory is damaged")
+    return True
