@@ -17,6 +17,7 @@ from typing import Any
 
 from gptforge.errors import ConfigError
 from gptforge.model.lora import LoRAConfig
+from gptforge.pipeline.judge import JudgeConfig
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -247,6 +248,60 @@ class InstructConfig:
     train: InstructTrainConfig = field(default_factory=InstructTrainConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     """LoRA adapters (lora.r > 0 turns them on: base frozen, only the adapters train)."""
+
+
+@dataclass
+class EvaluateDataConfig:
+    """Which data an evaluation reads (null: what the checkpoint's run.json recorded, else the task's own)."""
+
+    dataset: str | None = None
+    """Data set name or file (classify: sms_spam or a labelled file; instruct: instruction or a JSON/JSONL)."""
+    text_column: str | None = None
+    """Classification files: the text column."""
+    label_column: str | None = None
+    """Classification files: the label column."""
+    max_length: int | None = None
+    """Classification: truncate texts to this many tokens."""
+    test_sources: list[str] | None = None
+    """Pretrain: held-out text file(s) scored as the `test` split."""
+    prompt_style: str | None = None
+    """Instruct: override the checkpoint's prompt style (alpaca, phi3)."""
+    limit: int | None = None
+    """Only the first N examples of each split (quick checks)."""
+
+
+@dataclass
+class EvaluateConfig:
+    """`gptforge evaluate`: score a checkpoint on its task's data, or a responses file without a model.
+
+    Shared by the verb and the pipeline's evaluate stage (which fills `checkpoint` and `out` itself).
+    """
+
+    checkpoint: str | None = None
+    """gptforge checkpoint directory (or give `responses`)."""
+    responses: str | None = None
+    """Score this JSON list of records with `output` and a response field, without a model."""
+    response_key: str = "model_response"
+    """The response field of a responses file."""
+    task: str | None = None
+    """pretrain, classify or instruct (null: from the checkpoint: classifier, prompt style, else LM)."""
+    data: EvaluateDataConfig = field(default_factory=EvaluateDataConfig)
+    splits: list[str] | None = None
+    """Splits to score (null: validation,test for pretrain; train,validation,test for classify; test for instruct)."""
+    out: str | None = None
+    """Output directory (null: eval/<checkpoint or responses file name>)."""
+    batch_size: int = 8
+    """Examples per forward pass."""
+    max_new_tokens: int = 256
+    """Instruct: tokens generated per response."""
+    device: str | None = None
+    """cpu, cuda, cuda:1, mps (null: the best available)."""
+    use_stemmer: bool = False
+    """ROUGE with the Porter stemmer."""
+    progress: bool = True
+    """Show progress bars."""
+    judge: JudgeConfig | None = None
+    """An LLM judge for instruction responses (null: no judge)."""
 
 
 TASK_CONFIGS: dict[str, type] = {
