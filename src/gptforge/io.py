@@ -296,7 +296,9 @@ def verify_file_manifest(directory: str | os.PathLike, required: bool = True, de
     try:
         files = json.loads(mf.read_text(encoding="utf-8"))["files"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{mf}: unreadable integrity manifest ({e}); the directory is damaged") from None
+        raise CheckpointError(
+            f"{mf}: unreadable integrity manifest ({e}); the directory is damaged"
+        ) from None
     for rel, rec in files.items():
         f = d / rel
         if not f.is_file():
@@ -309,3 +311,61 @@ def verify_file_manifest(directory: str | os.PathLike, required: bool = True, de
         if deep and _file_hash_cached(f) != rec["sha256"]:
             raise CheckpointError(f"{f}: sha256 differs from {FILE_MANIFEST}; the directory is damaged")
     return True
+
+
+# -- what a run really read -------------------------------------------------------------------------
+
+_READ_SETS: list[dict[str, str]] = []
+
+
+def record_read(path: str | os.PathLike, kind: str = "input") -> None:
+    """Note that the running stage read `path` (a file or a directory) as `kind` ("data file",
+    "checkpoint", ...). A no-op unless a `tracking_reads()` block is active; the pipeline runner keys a
+    stage on the content of everything recorded here."""
+    if not _READ_SETS:
+        return
+    p = str(Path(path).expanduser().absolute())
+    for reads in _READ_SETS:
+        reads.setdefault(p, kind)
+
+
+class tracking_reads:
+    """`with tracking_reads() as reads:` collects {absolute path: kind} of every `record_read` inside."""
+
+    def __enter__(self) -> dict[str, str]:
+        self.reads: dict[str, str] = {}
+        _READ_SETS.append(self.reads)
+        return self.reads
+
+    def __exit__(self, *exc) -> None:
+        _READ_SETS.remove(self.reads)
+
+
+def stat_signature(path: str | os.PathLike) -> str | None:
+    """A cheap signature of (relative name, size, mtime) of a file or of every file in a directory;
+    None when the path is gone. Equal signatures mean the content hash need not be recomputed."""
+    p = Path(path)
+    if p.is_file():
+        entries = [(p.name, p.stat().st_size, p.stat().st_mtime_ns)]
+    elif p.is_dir():
+        entries = [
+            (f.relative_to(p).as_posix(), f.stat().st_size, f.stat().st_mtime_ns)
+            for f in sorted(x for x in p.rglob("*") if x.is_file())
+        ]
+    else:
+        return None
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
+
+
+def fingerprint(path: str | os.PathLike, previous: dict | None = None) -> dict | None:
+    """{"stat": ..., "hash": ...} of a file or directory; None when it is gone.
+
+    When `previous` (an earlier fingerprint) has the same stat signature, its hash is reused: an unchanged
+    10 GB corpus is not read again. Otherwise the content is hashed.
+    """
+    sig = stat_signature(path)
+    if sig is None:
+        return None
+    if previous and previous.get("stat") == sig and previous.get("hash"):
+        return {"stat": sig, "hash": previous["hash"]}
+    return {"stat": sig, "hash": content_hash(path)}

@@ -44,6 +44,13 @@ def run(argv: list[str]) -> int:
         "--print-config", action="store_true", help="print each stage's resolved config and exit"
     )
     parser.add_argument(
+        "--explain",
+        "--dry-run",
+        dest="explain",
+        action="store_true",
+        help="run nothing: print, per stage, whether it would run, resume or be skipped, and why",
+    )
+    parser.add_argument(
         "--list-stages", action="store_true", help="print the pipeline's stages, one a line, and exit"
     )
     args = parser.parse_args(argv)
@@ -65,6 +72,9 @@ def run(argv: list[str]) -> int:
             cfg = stage_config(pipe, stage, check_only=True)
             body = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg
             print(yaml.safe_dump({stage: body}, sort_keys=False), end="")
+        return 0
+    if args.explain:
+        run_pipeline(pipe, from_stage=args.from_stage, only=args.only, force=args.force, explain=True)
         return 0
     results = run_pipeline(pipe, from_stage=args.from_stage, only=args.only, force=args.force)
     from accelerate import PartialState

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from gptforge.errors import CheckpointError
-from gptforge.io import atomic_dir, write_json
+from gptforge.io import atomic_dir, record_read, write_json
 from gptforge.model.config import GPTConfig
 from gptforge.model.gpt import GPT
 
@@ -93,6 +93,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     from safetensors.torch import load_file
 
     p = Path(path)
+    record_read(p, "checkpoint")
     if (p / "adapter.json").is_file():
         from gptforge.model.lora import load_adapter, merge_lora
 

@@ -360,6 +360,7 @@ def read_hf_dir(path: str | os.PathLike, *, lazy: bool = False) -> tuple[dict, M
     p = Path(path)
     if not (p / "config.json").is_file():
         raise ConversionError(f"{p}: no config.json; point at a Hugging Face model directory")
+    record_read(p, "Hugging Face model dir")
     try:
         config = json.loads((p / "config.json").read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from gptforge.errors import ConfigError, GPTForgeError
-from gptforge.io import write_json
+from gptforge.io import fingerprint, tracking_reads, write_json
 
 STAGES = ("pretrain", "classify", "instruct", "evaluate", "export")
 TRAIN_STAGES = ("pretrain", "classify", "instruct")
@@ -346,6 +346,96 @@ def _output_hash(stage: str, outputs: dict) -> str:
     )
 
 
+# -- what a stage depends on -------------------------------------------------------------------------
+
+
+def code_version() -> dict:
+    """The code that computes a stage: gptforge's version and, in a git checkout, its commit."""
+    from gptforge import __version__
+    from gptforge.pipeline.trainer import git_commit
+
+    return {"gptforge": __version__, "git": git_commit()}
+
+
+def _always_read() -> dict[str, str]:
+    """What every stage reads without naming it: the GPT-2 BPE files the tokenizer is built from."""
+    from gptforge.model.tokenizer import bpe_files_dir
+
+    d = bpe_files_dir()
+    return {str(d / f): "tokenizer file" for f in ("encoder.json", "vocab.bpe") if (d / f).is_file()}
+
+
+def _shown(path: str) -> str:
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return path
+
+
+def fingerprint_reads(reads: dict[str, str], own_dir: Path, old: dict | None = None) -> dict[str, dict]:
+    """{path: {kind, stat, hash}} of what a stage read, leaving out its own outputs (checkpoints it resumes)."""
+    own = str(own_dir.absolute())
+    out = {}
+    for path, kind in sorted(reads.items()):
+        if path == own or path.startswith(own + os.sep):
+            continue
+        fp = fingerprint(path, (old or {}).get(path))
+        if fp is not None:
+            out[path] = {"kind": kind, **fp}
+    return out
+
+
+def _changed_reads(old_reads: dict[str, dict]) -> str | None:
+    """The first recorded input whose content changed (or that is gone), as a reason; None if none did."""
+    for path, rec in old_reads.items():
+        fp = fingerprint(path, rec)
+        if fp is None:
+            return f"{rec.get('kind', 'input')} {_shown(path)} is gone"
+        if fp["hash"] != rec.get("hash"):
+            return f"{rec.get('kind', 'input')} {_shown(path)} changed"
+    return None
+
+
+def _config_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += _config_diff(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [f"{prefix[:-1]} {old!r} -> {new!r}"]
+
+
+def decide(
+    stage: str, old: dict | None, chash: str, record: Any, inputs: dict, code: dict, forced: bool
+) -> tuple[str, str]:
+    """What to do with a stage and why: ("skip" | "resume" | "run", reason)."""
+    if forced:
+        return "run", "forced (--force / --from)"
+    if not old:
+        return "run", "no earlier run"
+    if old.get("config_hash") != chash:
+        diff = _config_diff(old.get("config"), record)
+        return "run", "config changed" + (f": {'; '.join(diff[:3])}" if diff else "")
+    if old.get("code") != code:
+        was, now = old.get("code") or {}, code
+        keys = [k for k in ("gptforge", "git") if was.get(k) != now.get(k)] or ["code"]
+        return "run", "gptforge code changed (" + ", ".join(
+            f"{k} {was.get(k)} -> {now.get(k)}" for k in keys
+        ) + ")"
+    if old.get("inputs") != inputs:
+        ups = [u for u in inputs if (old.get("inputs") or {}).get(u) != inputs[u]] or list(inputs)
+        return "run", f"output of upstream stage {ups[0]!r} changed"
+    changed = _changed_reads(old.get("reads") or {})
+    if changed:
+        return "run", changed
+    status = old.get("status")
+    if status == "done":
+        return "skip", "up to date (config, code, upstream outputs and every file it read unchanged)"
+    if stage in TRAIN_STAGES and status in ("running", "interrupted"):
+        return "resume", f"{status} earlier; resuming from its last checkpoint"
+    return "run", f"last run {status or 'unknown'}"
+
+
 # -- the runner --------------------------------------------------------------------------------------
 
 
@@ -374,15 +464,21 @@ def run_pipeline(
     from_stage: str | None = None,
     only: str | None = None,
     force: bool = False,
+    explain: bool = False,
     log=print,
 ) -> list[StageResult]:
-    """Run the pipeline; returns one StageResult per considered stage and writes summary.md."""
+    """Run the pipeline; returns one StageResult per considered stage and writes summary.md.
+
+    A stage is skipped only when its config, the gptforge code, its upstream stages' outputs and the
+    content of every file it read last time (data, `model.init`, a LoRA base, the tokenizer files) are
+    unchanged. `explain=True` runs nothing: it logs, per stage, what would happen and why.
+    """
     import torch
     from accelerate import PartialState
 
     # Under torchrun / accelerate launch: the process group the trainer uses (gloo on CPU).
     state = PartialState(cpu=not torch.cuda.is_available())
-    if state.num_processes > 1 and only is None:
+    if state.num_processes > 1 and only is None and not explain:
         raise ConfigError(
             "under torchrun / accelerate launch, run one stage per launch: add --only STAGE "
             "(scripts/01_pretrain.sh ... and scripts/run_all.sh with LAUNCH= do this)"
@@ -391,54 +487,73 @@ def run_pipeline(
     forced = set(stages) if force else set()
     if from_stage:
         forced |= set(pipe.stages[pipe.stages.index(from_stage) :])
+    code = code_version()
     results: list[StageResult] = []
+    will_run: set[str] = set()  # explain: stages that would run, so what reads them would too
     for stage in stages:
         sdir = pipe.stage_dir(stage)
-        cfg = stage_config(pipe, stage)
-        record = _config_record(cfg)
-        inputs = {
-            u: (read_manifest(pipe.stage_dir(u)) or {}).get("output_hash") for u in _inputs(pipe, stage)
-        }
-        for u, h in inputs.items():
-            if h is None and u in TRAIN_STAGES:
-                raise GPTForgeError(f"stage {stage!r} needs {u!r}, which has not finished; run it first")
-        chash = _hash_obj(record)
         old = read_manifest(sdir)
+        try:
+            cfg = stage_config(pipe, stage)
+        except GPTForgeError:
+            if not explain:
+                raise
+            cfg = stage_config(pipe, stage, check_only=True)  # its upstream has not finished: it will run
+        record = _config_record(cfg)
+        ups = _inputs(pipe, stage)
+        inputs = {u: (read_manifest(pipe.stage_dir(u)) or {}).get("output_hash") for u in ups}
+        waiting = [u for u in ups if u in will_run]
+        if explain and waiting:
+            action, reason = "run", f"upstream stage {waiting[0]!r} runs first"
+        else:
+            for u, h in inputs.items():
+                if h is None and u in TRAIN_STAGES and not explain:
+                    raise GPTForgeError(f"stage {stage!r} needs {u!r}, which has not finished; run it first")
+            chash = _hash_obj(record)
+            action, reason = decide(stage, old, chash, record, inputs, code, stage in forced)
+        if explain:
+            log(f"[{stage}] {action}: {reason}")
+            if action != "skip":
+                will_run.add(stage)
+            results.append(StageResult(stage, f"would {action}", 0.0, (old or {}).get("metrics", {}), {}))
+            continue
         state.wait_for_everyone()  # every process has read the manifest before the main one rewrites it
-        same = bool(old) and old.get("config_hash") == chash and old.get("inputs") == inputs
-        if same and old.get("status") == "done" and stage not in forced:
+        if action == "skip":
             log(f"[{stage}] up to date: skipped ({sdir})")
             results.append(StageResult(stage, "skipped", 0.0, old.get("metrics", {}), old.get("outputs", {})))
             continue
-        resume = same and stage in TRAIN_STAGES and stage not in forced and old.get("status") != "done"
+        resume = action == "resume"
         if not resume and sdir.exists() and state.is_main_process:
             shutil.rmtree(sdir)
         state.wait_for_everyone()
-        log(f"[{stage}] {'resuming' if resume else 'running'} in {sdir}")
+        log(f"[{stage}] {'resuming' if resume else 'running'} in {sdir} ({reason})")
         manifest = {
             "stage": stage,
             "status": "running",
             "config_hash": chash,
             "inputs": inputs,
+            "code": code,
             "config": record,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         if state.is_main_process:
             _write_manifest(sdir, manifest)
         t0 = time.perf_counter()
-        try:
-            if stage in TRAIN_STAGES:
-                status, metrics, outputs = _run_train(pipe, stage, cfg, resume)
-            elif state.is_main_process:
-                status, metrics, outputs = (_run_evaluate if stage == "evaluate" else _run_export)(pipe, cfg)
-            else:
-                status, metrics, outputs = "done", {}, {}
-        except BaseException as e:
-            manifest.update(status="failed", error=str(e).splitlines()[0] if str(e) else type(e).__name__)
-            manifest["seconds"] = round(time.perf_counter() - t0, 2)
-            if state.is_main_process:
-                _write_manifest(sdir, manifest)
-            raise
+        with tracking_reads() as reads:
+            try:
+                if stage in TRAIN_STAGES:
+                    status, metrics, outputs = _run_train(pipe, stage, cfg, resume)
+                elif state.is_main_process:
+                    runner = _run_evaluate if stage == "evaluate" else _run_export
+                    status, metrics, outputs = runner(pipe, cfg)
+                else:
+                    status, metrics, outputs = "done", {}, {}
+            except BaseException as e:
+                manifest.update(status="failed", error=str(e).splitlines()[0] if str(e) else type(e).__name__)
+                manifest["seconds"] = round(time.perf_counter() - t0, 2)
+                if state.is_main_process:
+                    _write_manifest(sdir, manifest)
+                raise
         seconds = time.perf_counter() - t0
         manifest.update(
             status=status,
@@ -447,6 +562,8 @@ def run_pipeline(
             seconds=round(seconds + float((old or {}).get("seconds", 0)) * resume, 2),
             finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         )
+        if state.is_main_process:
+            manifest["reads"] = fingerprint_reads({**_always_read(), **reads}, sdir)
         if status == "done":
             manifest["output_hash"] = _output_hash(stage, outputs) if state.is_main_process else None
         if state.is_main_process:
@@ -456,7 +573,7 @@ def run_pipeline(
         if status == "interrupted":
             log(f"[{stage}] interrupted: run the same command again to resume")
             break
-    if state.is_main_process:
+    if state.is_main_process and not explain:
         write_summary(pipe, results)
     return results
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from gptforge.errors import DataError
+from gptforge.io import record_read
 from gptforge.model.tokenizer import EOT_ID
 from gptforge.tasks.sources import REGISTRY, check_utf8, is_saved_dataset, load_any, quiet_datasets, resolve
 
@@ -83,6 +84,9 @@ def _documents(source: Any, text_column: str, cache_dir: str | None):
     elif isinstance(source, str) and source in REGISTRY and not Path(source).exists():
         return _documents(str(resolve(source)), text_column, cache_dir)
     elif (files := _text_files(str(source))) is not None:
+        src = Path(str(source)).expanduser()
+        for f in [src] if src.is_dir() else files:  # a folder as a whole: an added file counts too
+            record_read(f, "data file")
         for f in files:
             check_utf8(f)
             if f.stat().st_size == 0:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from gptforge.errors import DataError
+from gptforge.io import record_read
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +184,13 @@ def verify(path: Path, source: DataSource) -> None:
 
 
 def resolve(name: str, path: str | os.PathLike | None = None, *, url: str | None = None) -> Path:
+    """The local file of a known data set (see `_resolve`); recorded as read by the running stage."""
+    file = _resolve(name, path, url=url)
+    record_read(file, "data file")
+    return file
+
+
+def _resolve(name: str, path: str | os.PathLike | None = None, *, url: str | None = None) -> Path:
     """The local file of a known data set, downloading it into the cache if need be.
 
     Order: explicit `path` (a file, or a folder with the `$GPTFORGE_DATA_DIR` layout) ->
@@ -282,6 +290,7 @@ def read_json_records(path: str | os.PathLike) -> list[dict]:
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{p}: no such file; fix the path")
+    record_read(p, "data file")
     check_utf8(p)
     text = p.read_text(encoding="utf-8")
     records: list = []
@@ -353,6 +362,8 @@ def load_any(
     import datasets
 
     p = Path(path).expanduser()
+    if p.exists():
+        record_read(p, "data file")
     if p.is_dir():
         if not is_saved_dataset(p):
             raise DataError(
