@@ -141,11 +141,13 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write a file atomically: a sibling temp file, flushed, then renamed over `path`."""
     path = Path(path)
     tmp = _temp_path(path)
+    clean_stale_temps(path.parent, path.name)
     try:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        fault_point("write_file")
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
@@ -196,6 +198,7 @@ def atomic_dir(
         tmp.mkdir(mode=_dir_mode())
         write(tmp)
         _fix_modes(tmp)
+        fault_point("write_dir")
         if out.exists():
             old = _temp_path(out, "old")
             os.replace(out, old)
@@ -369,3 +372,31 @@ def fingerprint(path: str | os.PathLike, previous: dict | None = None) -> dict |
     if previous and previous.get("stat") == sig and previous.get("hash"):
         return {"stat": sig, "hash": previous["hash"]}
     return {"stat": sig, "hash": content_hash(path)}
+
+
+# -- fault injection (tests/reliability) -----------------------------------------------------------
+
+_FAULT_HITS: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """Kill this process with SIGKILL at the Nth time it passes `name`, when `GPTFORGE_FAULT=name:N`.
+
+    The reliability tests use it to stop a run at exact places (a training step, inside a directory or
+    file write, between evaluations) and check that the next run recovers. Costs one dict lookup.
+    """
+    log = os.environ.get("GPTFORGE_FAULT_LOG")
+    if log:  # the tests count the points a run passes, to choose where to stop the next one
+        with open(log, "a", encoding="utf-8") as f:
+            f.write(name + "\n")
+    spec = os.environ.get("GPTFORGE_FAULT")
+    if not spec:
+        return
+    want, _, nth = spec.partition(":")
+    if want != name:
+        return
+    _FAULT_HITS[name] = _FAULT_HITS.get(name, 0) + 1
+    if _FAULT_HITS[name] == int(nth or 1):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from gptforge.errors import ConfigError, ConversionError
+from gptforge.io import record_read
 from gptforge.model.config import GPTConfig
 from gptforge.model.gpt import GPT
 

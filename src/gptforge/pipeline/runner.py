@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from gptforge.errors import ConfigError, GPTForgeError
-from gptforge.io import fingerprint, tracking_reads, write_json
+from gptforge.io import fault_point, fingerprint, tracking_reads, write_json, write_text
 
 STAGES = ("pretrain", "classify", "instruct", "evaluate", "export")
 TRAIN_STAGES = ("pretrain", "classify", "instruct")
@@ -281,6 +281,7 @@ def _run_evaluate(pipe: Pipeline, sec: dict) -> tuple[str, dict, dict]:
         judge = JudgeConfig(**sec["judge"])
     metrics, outputs = {}, {}
     for model_stage in _upstream_models(pipe, "evaluate"):
+        fault_point("evaluate")
         out = pipe.stage_dir("evaluate") / model_stage
         m = evaluate_checkpoint(
             model_stage,
@@ -317,6 +318,7 @@ def _run_export(pipe: Pipeline, sec: dict) -> tuple[str, dict, dict]:
     eval_man = read_manifest(pipe.stage_dir("evaluate")) if "evaluate" in pipe.stages else None
     metrics, outputs = {}, {}
     for model_stage in _upstream_models(pipe, "export"):
+        fault_point("export")
         ckpt = final_checkpoint(pipe, model_stage)
         model = load_checkpoint(ckpt)
         card_metrics = ((eval_man or {}).get("metrics") or {}).get(model_stage)
@@ -633,11 +635,7 @@ def write_summary(pipe: Pipeline, results: list[StageResult]) -> Path:
     text = f"# Pipeline `{pipe.name}`\n\nFrom `{pipe.source}`; stage dirs under `{pipe.root}`.\n\n"
     text += summary_table(full) + "\n"
     pipe.root.mkdir(parents=True, exist_ok=True)
-    path = pipe.root / "summary.md"
-    tmp = path.with_name(f".summary.md.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text(pipe.root / "summary.md", text)
 
 
 def print_summary(results: list[StageResult], pipe: Pipeline, file=sys.stdout) -> None:

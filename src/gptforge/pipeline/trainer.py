@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptforge.errors import ConfigError, TrainingError
-from gptforge.io import atomic_dir, write_json
+from gptforge.io import atomic_dir, fault_point, write_json
 from gptforge.model.checkpoint import save_checkpoint
 from gptforge.model.gpt import GPT
 from gptforge.model.lora import describe_trainable, lora_config, register_adapter_checkpointing, save_adapter
@@ -464,6 +464,7 @@ class Trainer:
                     state.step += 1
                     state.tokens_seen += n_tok
                     pbar.update(1)
+                    fault_point("train_step")
                     if state.step % cfg.log_every == 0 or state.step == total:
                         now = time.perf_counter()
                         tps = (state.tokens_seen - tok_last) / max(now - t_last, 1e-9)
@@ -659,6 +660,7 @@ class Trainer:
             tmp.mkdir()
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
+        fault_point("checkpoint_write")
         acc.wait_for_everyone()
         score = state.last_val_loss if state.last_val_step == state.step else None
         state.scores[name] = score
