@@ -123,8 +123,11 @@ def clean_stale_temps(parent: str | os.PathLike, name: str | None = None) -> lis
         return []
     removed = []
     for entry in root.iterdir():
-        m = _TEMP.match(entry.name)
-        if not m or (name is not None and m.group("name") != name) or _alive(int(m.group("pid"))):
+        base, pids = entry.name, []
+        while m := _TEMP.match(base):  # a temp of a temp (a writer nested in another) counts as its base's
+            base = m.group("name")
+            pids.append(int(m.group("pid")))
+        if not pids or (name is not None and base != name) or any(_alive(p) for p in pids):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
