@@ -25,11 +25,11 @@ from gptforge.model.lora import (
     load_adapter,
     lora_modules,
     merge_lora,
-    register_adapter_checkpointing,
     save_adapter,
     trainable_parameters,
     verify_peft,
 )
+from gptforge.pipeline.lora_state import register_adapter_checkpointing
 
 V, E, L, C, H = 128, 32, 2, 32, 4 * 32
 

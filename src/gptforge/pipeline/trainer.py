@@ -42,8 +42,9 @@ from gptforge.io import atomic_dir, write_json
 from gptforge.machine import cpu_has_native_bf16, keep_freed_memory, release_freed_memory
 from gptforge.model.checkpoint import save_checkpoint
 from gptforge.model.gpt import GPT
-from gptforge.model.lora import describe_trainable, lora_config, register_adapter_checkpointing, save_adapter
+from gptforge.model.lora import describe_trainable, lora_config, save_adapter
 from gptforge.pipeline.config import TrainConfig
+from gptforge.pipeline.lora_state import register_adapter_checkpointing
 
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
