@@ -42,10 +42,11 @@ def read_metrics(ckpt: str | Path) -> dict | None:
 
 def export_checkpoint(ckpt: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """Export a gptforge checkpoint dir, carrying its prompt style and metrics into the HF dir."""
-    from gptforge.model.checkpoint import load_checkpoint, read_metadata
+    from gptforge.model.checkpoint import read_metadata
     from gptforge.model.hf import export
+    from gptforge.model.load import load_model
 
-    model = load_checkpoint(ckpt)
+    model = load_model(ckpt)
     return export(
         model,
         out,

@@ -35,6 +35,7 @@ from gptforge.model.checkpoint import (
 )
 from gptforge.model.config import GPTConfig
 from gptforge.model.gpt import GPT, Linear
+from gptforge.model.hf import from_hf
 
 # Our target names (module paths inside a block, plus the head) and their transformers GPT-2 names.
 BLOCK_TARGETS: dict[str, str] = {
@@ -357,15 +358,11 @@ def is_adapter(path: str | os.PathLike) -> bool:
 
 
 def load_base(base: str | os.PathLike, device: str | torch.device = "cpu") -> GPT:
-    """A base model from a gptforge checkpoint dir, or (through `hf.from_hf`) a Hugging Face GPT-2."""
+    """A base model from a gptforge checkpoint dir, an adapter dir (merged), or a Hugging Face GPT-2."""
+    if (Path(base) / ADAPTER_META).is_file():
+        return merge_lora(load_adapter(base, device=device))
     if is_checkpoint(base):
         return load_checkpoint(base, device=device)
-    try:
-        from gptforge.model.hf import from_hf
-    except ImportError:
-        raise CheckpointError(
-            f"{base}: not a gptforge checkpoint dir (config.json + model.safetensors)"
-        ) from None
     return from_hf(base).to(device)
 
 
