@@ -108,7 +108,7 @@ def merge(argv: list[str]) -> int:
             print(f"wrote merged checkpoint {args.out}")
         if args.hf_out:
             try:
-                from gptforge.model.hf import export
+                from gptforge.export.hf import export
             except ImportError:
                 raise ConfigError("Hugging Face export is not available in this build; use --out") from None
             export(model, args.hf_out, prompt_style=extra.get("prompt_style.json"))

@@ -311,8 +311,8 @@ def summarize_evaluation(m: dict) -> dict:
 
 
 def _run_export(pipe: Pipeline, sec: dict) -> tuple[str, dict, dict]:
+    from gptforge.export.hf import export
     from gptforge.model.checkpoint import read_metadata
-    from gptforge.model.hf import export
     from gptforge.model.load import load_model
 
     eval_man = read_manifest(pipe.stage_dir("evaluate")) if "evaluate" in pipe.stages else None
