@@ -4,7 +4,7 @@ A targeted `nn.Linear` becomes a `LoRALinear` (a subclass that keeps `weight` an
 names, so base checkpoints, converters and tied weights work unchanged) with two extra fp32 parameters:
 `lora_A` (r, in) and `lora_B` (out, r); the output is `base(x) + B(A(dropout(x))) * alpha / r`, the same
 computation and initialisation as PEFT (A: kaiming_uniform(a=sqrt(5)), B: zeros), so an adapter exported
-with `export_peft` gives the same logits in `peft` on `transformers` GPT-2.
+with `export.peft.export_peft` gives the same logits in `peft` on `transformers` GPT-2.
 
 An adapter checkpoint stores only the adapter tensors plus the classification head (a new head is not in
 the base): `adapter.safetensors`, `adapter.json` (LoRA config, base path, base fingerprint), `config.json`
@@ -430,7 +430,7 @@ def is_adapter_key(key: str) -> bool:
     return key.endswith((".lora_A", ".lora_B")) or key.startswith("score.")
 
 
-# -- PEFT export -------------------------------------------------------------------------------------
+# -- PEFT conversion ---------------------------------------------------------------------------------
 PEFT_PREFIX = "base_model.model."
 
 
@@ -481,56 +481,3 @@ def to_peft(model: GPT) -> tuple[dict[str, torch.Tensor], dict]:
         "inference_mode": True,
     }
     return sd, adapter_config
-
-
-def export_peft(model: GPT, out_dir: str | os.PathLike, base_model_name_or_path: str | None) -> Path:
-    """Write a PEFT adapter dir (adapter_config.json + adapter_model.safetensors) atomically."""
-    from safetensors.torch import save_file
-
-    sd, adapter_config = to_peft(model)
-    adapter_config["base_model_name_or_path"] = base_model_name_or_path
-
-    def write(tmp: Path) -> None:
-        save_file(sd, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        write_json(tmp / "adapter_config.json", adapter_config)
-
-    return atomic_dir(out_dir, write)
-
-
-@torch.no_grad()
-def verify_peft(
-    model: GPT,
-    peft_dir: str | os.PathLike,
-    base_hf_dir: str | os.PathLike,
-    atol: float = 1e-5,
-    seq_len: int = 16,
-) -> float:
-    """Load `peft_dir` with peft onto the transformers model in `base_hf_dir`; compare logits with `model`.
-
-    Returns the largest absolute difference; raises ConversionError when it exceeds `atol`.
-    """
-    from peft import PeftModel
-    from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
-
-    kw: dict = {"attn_implementation": "eager", "dtype": torch.float32}
-    if model.is_classifier:
-        hf = GPT2ForSequenceClassification.from_pretrained(
-            str(base_hf_dir), num_labels=model.cfg.num_labels, pad_token_id=model.cfg.pad_token_id, **kw
-        )
-    else:
-        hf = GPT2LMHeadModel.from_pretrained(str(base_hf_dir), **kw)
-    peft_model = PeftModel.from_pretrained(hf, str(peft_dir)).eval()
-    g = torch.Generator().manual_seed(0)
-    T = min(seq_len, model.cfg.context_length)
-    ids = torch.randint(0, model.cfg.vocab_size, (2, T), generator=g)
-    ids[ids == model.cfg.pad_token_id] = 0  # no padding: both sides pool the last token
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    ours = model(ids.to(device)).float().cpu()
-    model.train(was_training)
-    theirs = peft_model(input_ids=ids).logits.float()
-    diff = (ours - theirs).abs().max().item()
-    if diff > atol:
-        raise ConversionError(f"{peft_dir}: peft logits differ from gptforge's by {diff:.3g} > {atol}")
-    return diff
