@@ -14,11 +14,10 @@ import math
 import time
 
 import torch
-from common import interleaved, log, median, record
+from common import autocast_dtype, best_precision, interleaved, log, median, record
 
 from gptforge.model.config import GPTConfig
 from gptforge.model.gpt import GPT
-from gptforge.model.perf import autocast_dtype, best_precision
 
 
 def measure_matmul_peak(dtype: torch.dtype, device: str = "cpu", budget_s: float = 3.0) -> dict:

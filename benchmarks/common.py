@@ -137,9 +137,44 @@ def _git_commit() -> str | None:
         return None
 
 
+PRECISIONS = ("bf16", "fp16", "no")
+
+
+def best_precision(device: str | torch.device | None = None) -> str:
+    """Mixed precision that is fastest and safe on `device`: "bf16", "fp16" or "no" (Accelerate's names).
+
+    CUDA: bf16 where the GPU supports it (Ampere and newer), else fp16. CPU: bf16 only where the CPU is
+    known to have bf16 matrix units (an unknown CPU stays fp32). `$GPTFORGE_PRECISION` overrides.
+    """
+    from gptforge.machine import cpu_has_native_bf16
+
+    forced = os.environ.get("GPTFORGE_PRECISION")
+    if forced:
+        if forced not in PRECISIONS:
+            print(
+                f"GPTFORGE_PRECISION={forced!r}: use one of {', '.join(PRECISIONS)} or unset it",
+                file=sys.stderr,
+            )
+            raise SystemExit(2)
+        return forced
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            return "no"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if dev.type == "cpu":
+        return "bf16" if cpu_has_native_bf16() is True else "no"
+    return "no"
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """torch dtype for an Accelerate precision name; None for "no"."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}[precision]
+
+
 def machine_info() -> dict:
     """CPU/GPU, threads, bf16 support and library versions: what a reader needs to weigh the numbers."""
-    from gptforge.model.perf import best_precision, cpu_has_native_bf16
+    from gptforge.machine import cpu_has_native_bf16
 
     info = {
         "cpu": _cpu_model(),

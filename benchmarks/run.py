@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("default", "kept"),
         default="default",
         help="glibc allocator for the whole run, both sides: as is, or freed memory kept for reuse "
-        "(gptforge.model.perf.keep_freed_memory, what gptforge's trainer sets on CPU); rows of each "
+        "(gptforge.machine.keep_freed_memory, what gptforge's trainer sets on CPU); rows of each "
         "setting are kept apart in the results",
     )
     p.add_argument(
@@ -102,7 +102,7 @@ def run_benchmarks(args: argparse.Namespace) -> tuple[dict, list[dict]]:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.malloc == "kept":
-        from gptforge.model.perf import keep_freed_memory
+        from gptforge.machine import keep_freed_memory
 
         if not keep_freed_memory():
             print(
@@ -261,7 +261,7 @@ def markdown(doc: dict) -> str:
             pk = meta.get("matmul_peak", {})
             if meta.get("device") == "cpu" and not meta.get("cpu_native_bf16") and "bf16" in pk:
                 note = [
-                    "Best precision on this CPU is fp32 for both sides (`gptforge.model.perf.best_precision`): "
+                    "Best precision on this CPU is fp32 for both sides (`benchmarks/common.py: best_precision`): "
                     f"it has no bf16 matrix units, and a bf16 matmul ran at {pk['bf16']['gflops']:.1f} GFLOP/s "
                     f"against {pk['fp32']['gflops']:.1f} in fp32, so bf16 autocast would slow both down; "
                     "the best-precision rows equal the fp32 rows and are not repeated.",

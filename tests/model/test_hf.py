@@ -21,6 +21,7 @@ from transformers import (
 
 from gptforge.cli import main
 from gptforge.errors import ConversionError
+from gptforge.export.hf import export
 from gptforge.model import hf as hfmod
 from gptforge.model.checkpoint import load_checkpoint, save_checkpoint, state_dict_for_save
 from gptforge.model.config import GPTConfig
@@ -28,7 +29,6 @@ from gptforge.model.gpt import GPT
 from gptforge.model.hf import (
     config_from_hf,
     config_to_hf,
-    export,
     from_hf,
     state_dict_from_hf,
     state_dict_to_hf,
@@ -191,6 +191,7 @@ def test_from_dir_half_precision_becomes_fp32_and_trainable(tmp_path):
 _PEAK_PROBE = """
 import json, sys, torch
 from gptforge.model import hf
+from gptforge.export.hf import export
 def rss():
     return int(open('/proc/self/statm').read().split()[1]) * 4096
 def hwm():
@@ -212,7 +213,7 @@ try:
     open('/proc/self/clear_refs', 'w').write('5')
 except OSError:
     pass
-hf.export(model, sys.argv[3], verify=False)
+export(model, sys.argv[3], verify=False)
 out['export'] = hwm() - base
 print(json.dumps(out))
 """

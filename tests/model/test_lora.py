@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from gptforge.cli import main as cli_main
 from gptforge.errors import CheckpointError, ConfigError
+from gptforge.export.peft import export_peft, verify_peft
 from gptforge.model import GPT, GPTConfig
 from gptforge.model import gpt as gpt_mod
 from gptforge.model.checkpoint import load_checkpoint, save_checkpoint, state_dict_for_save
@@ -21,15 +22,13 @@ from gptforge.model.lora import (
     apply_lora,
     count_parameters,
     describe_trainable,
-    export_peft,
     load_adapter,
     lora_modules,
     merge_lora,
-    register_adapter_checkpointing,
     save_adapter,
     trainable_parameters,
-    verify_peft,
 )
+from gptforge.pipeline.lora_state import register_adapter_checkpointing
 
 V, E, L, C, H = 128, 32, 2, 32, 4 * 32
 

@@ -1,21 +1,14 @@
-"""The fast paths equal the plain ones: chunked cross-entropy (values and gradients) and precision choice."""
+"""The fast paths equal the plain ones: chunked cross-entropy (values and gradients) and the Linear fast path."""
 
 from __future__ import annotations
-
-import os
-import resource
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from gptforge.errors import ConfigError
-from gptforge.model import perf
 from gptforge.model.config import GPTConfig
 from gptforge.model.gpt import GPT, lm_loss
-from gptforge.model.perf import best_precision, fused_linear_cross_entropy
+from gptforge.model.perf import fused_linear_cross_entropy
 
 
 def _plain(h, w, t, reduction="mean"):
@@ -103,35 +96,6 @@ def test_fused_ce_under_bf16_autocast_close_to_plain():
     assert gh.dtype == h.dtype and torch.isfinite(gh).all()
 
 
-def test_best_precision(monkeypatch):
-    monkeypatch.delenv("GPTFORGE_PRECISION", raising=False)
-    perf.cpu_has_native_bf16.cache_clear()
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
-    monkeypatch.setattr(perf, "_cpu_flags", lambda: frozenset({"avx2", "fma"}))
-    assert best_precision("cpu") == "no"
-    perf.cpu_has_native_bf16.cache_clear()
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
-    assert best_precision(torch.device("cpu")) == "bf16"
-    perf.cpu_has_native_bf16.cache_clear()
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
-    monkeypatch.setattr(perf, "_cpu_flags", lambda: frozenset({"amx_bf16"}))
-    assert best_precision("cpu") == (
-        "bf16" if perf.platform.machine().lower() in ("x86_64", "amd64") else "no"
-    )
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
-    assert best_precision("cuda") == "fp16"
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    assert best_precision("cuda:0") == "bf16"
-    monkeypatch.setenv("GPTFORGE_PRECISION", "no")
-    assert best_precision("cuda") == "no"
-    monkeypatch.setenv("GPTFORGE_PRECISION", "fp8")
-    with pytest.raises(ConfigError, match="GPTFORGE_PRECISION"):
-        best_precision("cpu")
-    perf.cpu_has_native_bf16.cache_clear()
-
-
 def test_cached_one_token_steps_equal_full_forward():
     """Decoding with the cache (no mask built for a single new token) gives the full forward's logits."""
     from gptforge.model.gpt import KVCache
@@ -212,43 +176,3 @@ def test_linear_keeps_f_linear_for_training_many_rows_and_autocast():
         assert "aten::linear" in _ops(lambda: lin(torch.randn(129, 16)))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert "aten::linear" in _ops(lambda: lin(x))
-
-
-# Allocates, fills and frees a 64 MiB tensor 16 times, like a training step's biggest buffer; prints whether
-# the allocator setting took and the page faults of the last 4 rounds (a fresh mmap faults in all 16,384
-# pages; a reused heap block none; the heap needs a few rounds before a freed block fits the next request).
-_ALLOC_PROBE = """
-import resource, torch
-from gptforge.model import perf
-tuned = perf.keep_freed_memory()
-def faults():
-    r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    t = torch.empty(16 << 20)
-    t.fill_(1.0)
-    n = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0
-    del t
-    return n
-print(tuned, *[faults() for _ in range(16)][-4:])
-"""
-
-
-@pytest.mark.skipif(perf._glibc() is None, reason="the setting exists for glibc's allocator only")
-@pytest.mark.parametrize("env", ["", "default"])
-def test_keep_freed_memory_reuses_big_buffers_without_page_faults(env):
-    env_vars = {**os.environ, "GPTFORGE_MALLOC": env, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(
-        [sys.executable, "-c", _ALLOC_PROBE], env=env_vars, capture_output=True, text=True, check=True
-    )
-    tuned, *faults = out.stdout.split()
-    pages = (64 << 20) // resource.getpagesize()
-    if env == "default":  # left alone: glibc maps every 64 MiB tensor anew
-        assert tuned == "False" and min(map(int, faults)) >= pages // 2
-    else:
-        assert tuned == "True" and sum(map(int, faults)) < pages // 50
-
-
-def test_keep_freed_memory_is_a_no_op_without_glibc(monkeypatch):
-    monkeypatch.setattr(perf, "_allocator_tuned", False)
-    monkeypatch.setattr(perf, "_glibc", lambda: None)
-    assert perf.keep_freed_memory() is False
-    perf.release_freed_memory()  # nothing to release, no error

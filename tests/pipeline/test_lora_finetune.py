@@ -14,9 +14,10 @@ import torch
 from safetensors.torch import load_file
 
 from gptforge.errors import ConfigError
-from gptforge.model.checkpoint import is_checkpoint, load_checkpoint, save_checkpoint
+from gptforge.model.checkpoint import load_checkpoint, save_checkpoint
 from gptforge.model.config import GPTConfig
 from gptforge.model.gpt import GPT
+from gptforge.model.load import is_model_dir, load_model
 from gptforge.model.lora import is_adapter, load_adapter, lora_modules, merge_lora
 from gptforge.pipeline.config import load_config
 from gptforge.pipeline.train import run_classify
@@ -116,8 +117,8 @@ def test_lora_classify_run_saves_adapters_and_resumes_exactly(setup, tmp_path, c
     torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
 
     # evaluate / generate / export / the runner load a LoRA run's final dir like any checkpoint: merged.
-    assert is_checkpoint(final)
-    loaded = load_checkpoint(final)
+    assert is_model_dir(final)
+    loaded = load_model(final)
     assert not lora_modules(loaded) and loaded.is_classifier
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), before, atol=1e-5, rtol=0)

@@ -148,7 +148,7 @@ def test_classify_from_hf_dir_learns_with_reference_policy(classified, hf_dir):
 def test_trained_classifier_exports_and_predicts_the_same_in_transformers(classified, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    from gptforge.model.hf import export
+    from gptforge.export.hf import export
     from gptforge.model.tokenizer import Tokenizer
 
     _, res = classified

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from gptforge.errors import ConfigError, TrainingError
+from gptforge.machine import cpu_has_native_bf16
 from gptforge.model.checkpoint import load_checkpoint as load_model
 from gptforge.model.config import GPTConfig
 from gptforge.model.gpt import GPT
@@ -21,7 +22,6 @@ from gptforge.pipeline.config import TrainConfig
 from gptforge.pipeline.trainer import (
     FINAL,
     Trainer,
-    cpu_has_native_bf16,
     list_checkpoints,
     lr_lambda,
     param_groups,

@@ -257,10 +257,10 @@ def classify(argv: list[str]) -> int:
     if ns.batch_size < 1:
         raise ConfigError("--batch-size must be >= 1")
 
-    from gptforge.model.checkpoint import load_checkpoint
+    from gptforge.model.load import load_model
     from gptforge.pipeline.evaluate import classify_texts
 
-    model = load_checkpoint(ns.checkpoint)
+    model = load_model(ns.checkpoint)
     results = classify_texts(
         model, texts, max_length=ns.max_length, batch_size=ns.batch_size, device=ns.device
     )

@@ -174,8 +174,9 @@ def generate(argv: list[str]) -> int:
 
     import torch
 
-    from gptforge.model.checkpoint import load_checkpoint, read_metadata
+    from gptforge.model.checkpoint import read_metadata
     from gptforge.model.generate import generate_text
+    from gptforge.model.load import load_model
     from gptforge.model.tokenizer import Tokenizer
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -185,7 +186,7 @@ def generate(argv: list[str]) -> int:
         raise ConfigError(
             f"--device {args.device!r} is not a torch device; use cpu, cuda or cuda:N"
         ) from None
-    model = load_checkpoint(args.checkpoint, device=device)
+    model = load_model(args.checkpoint, device=device)
     if model.is_classifier:
         raise CheckpointError(
             f"{args.checkpoint} is a classifier (num_labels={model.cfg.num_labels}); generate needs a "

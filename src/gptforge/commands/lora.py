@@ -53,15 +53,9 @@ def _probe_ids(vocab_size: int, context_length: int, pad_id: int) -> torch.Tenso
 
 
 def merge(argv: list[str]) -> int:
+    from gptforge.export.peft import export_peft, verify_peft
     from gptforge.model.checkpoint import save_checkpoint
-    from gptforge.model.lora import (
-        describe_trainable,
-        export_peft,
-        load_adapter,
-        lora_config,
-        merge_lora,
-        verify_peft,
-    )
+    from gptforge.model.lora import describe_trainable, load_adapter, lora_config, merge_lora
 
     args = _parser().parse_args(argv)
     if not (args.out or args.hf_out or args.peft_out):
@@ -108,7 +102,7 @@ def merge(argv: list[str]) -> int:
             print(f"wrote merged checkpoint {args.out}")
         if args.hf_out:
             try:
-                from gptforge.model.hf import export
+                from gptforge.export.hf import export
             except ImportError:
                 raise ConfigError("Hugging Face export is not available in this build; use --out") from None
             export(model, args.hf_out, prompt_style=extra.get("prompt_style.json"))

@@ -42,10 +42,11 @@ def read_metrics(ckpt: str | Path) -> dict | None:
 
 def export_checkpoint(ckpt: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """Export a gptforge checkpoint dir, carrying its prompt style and metrics into the HF dir."""
-    from gptforge.model.checkpoint import load_checkpoint, read_metadata
-    from gptforge.model.hf import export
+    from gptforge.export.hf import export
+    from gptforge.model.checkpoint import read_metadata
+    from gptforge.model.load import load_model
 
-    model = load_checkpoint(ckpt)
+    model = load_model(ckpt)
     return export(
         model,
         out,
@@ -76,8 +77,9 @@ def convert(argv: list[str]) -> int:
         out = export_checkpoint(args.to_hf, args.out, overwrite=args.overwrite)
         print(f"exported {args.to_hf} -> {out} (verified with transformers)")
         return 0
+    from gptforge.export.hf import is_nonempty_dir
     from gptforge.model.checkpoint import save_checkpoint
-    from gptforge.model.hf import from_hf, is_nonempty_dir
+    from gptforge.model.hf import from_hf
 
     out = Path(args.out)
     if is_nonempty_dir(out) and not args.overwrite:

@@ -69,10 +69,8 @@ def save_checkpoint(
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
-    """A gptforge checkpoint dir, or a LoRA adapter dir (which `load_checkpoint` merges onto its base)."""
+    """A full gptforge checkpoint dir (`model.load.is_model_dir` also accepts LoRA adapter dirs)."""
     p = Path(path)
-    if (p / "adapter.json").is_file():
-        return True
     return (p / CONFIG).is_file() and (p / WEIGHTS).is_file() and "emb_dim" in read_json(p / CONFIG)
 
 
@@ -85,19 +83,16 @@ def read_json(path: Path, fix: str = "re-save the checkpoint") -> dict:
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> GPT:
-    """Load a gptforge checkpoint directory in one call.
-
-    A LoRA run's adapter dir (adapter.json) loads onto the base it records and comes back merged: a
-    plain GPT that evaluates, generates and exports like any other.
-    """
+    """Load a full gptforge checkpoint directory in one call (`model.load.load_model` also takes adapters)."""
     from safetensors.torch import load_file
 
     p = Path(path)
     record_read(p, "checkpoint")
     if (p / "adapter.json").is_file():
-        from gptforge.model.lora import load_adapter, merge_lora
-
-        return merge_lora(load_adapter(p, device=device)).eval()
+        raise CheckpointError(
+            f"{p}: a LoRA adapter dir, not a full checkpoint; load it with gptforge.model.load.load_model, "
+            "which merges it onto its base"
+        )
     if not (p / CONFIG).is_file() or not (p / WEIGHTS).is_file():
         raise CheckpointError(
             f"{p}: not a gptforge checkpoint (needs {CONFIG} and {WEIGHTS}); "

@@ -98,11 +98,6 @@ class GPTConfig:
         with open(path, "w") as f:
             json.dump(self.to_dict(), f, indent=2)
 
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> GPTConfig:
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
-
 
 PRESETS: dict[str, dict] = {
     "gpt2": dict(emb_dim=768, n_layers=12, n_heads=12),

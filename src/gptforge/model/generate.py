@@ -16,6 +16,7 @@ import torch
 
 from gptforge.errors import ConfigError
 from gptforge.model.gpt import GPT, KVCache
+from gptforge.model.tokenizer import Tokenizer
 
 __all__ = ["generate", "generate_text", "sample_next", "top_k_filter", "top_p_filter", "left_pad"]
 
@@ -230,8 +231,6 @@ def _generate_rows(
         stop_strings = [stop_strings]
     stops = [s.encode("utf-8") for s in (stop_strings or []) if s]
     if stops and tokenizer is None:
-        from gptforge.model.tokenizer import Tokenizer
-
         tokenizer = Tokenizer()
     if eos_token_id is None:
         eos_ids: set[int] = set()

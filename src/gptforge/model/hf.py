@@ -1,20 +1,17 @@
-"""Converters between gptforge's GPT and transformers' GPT-2, and a verified Hugging Face export.
+"""Converters between gptforge's GPT and transformers' GPT-2.
 
 Conversions are pure functions (state dict in, state dict out) driven by one explicit key table,
 `KEY_TABLE`. Anything that cannot be represented exactly (a config switch our model lacks, a tensor
 the table does not know, a tensor that is missing) raises ConversionError naming it: we never
-approximate. `export` writes a directory `transformers` loads as is, and reloads it to check the
-logits before it reports success.
+approximate. Writing and verifying a Hugging Face dir is `gptforge.export.hf.export`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -59,10 +56,6 @@ _LAYER = re.compile(r"\.(\d+)\.")
 
 # HF activation -> GPTConfig.activation. gelu_pytorch_tanh is the very function our "gelu_new" computes.
 _ACTIVATIONS = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu"}
-# Export check: |ours - theirs| <= atol + rtol * |theirs| (torch.allclose). The rtol term matters only for
-# large logits: trained GPT-2s have logits near -100, where one fp32 rounding step is already ~1e-5.
-VERIFY_ATOL = 1e-5
-VERIFY_RTOL = 1e-5
 QKV_BIAS_FLAG = "gptforge_qkv_bias"  # extra HF config key: the zero c_attn bias came from qkv_bias=False
 
 
@@ -476,238 +469,3 @@ def to_hf(model: GPT, *, copy: bool = True):
             bos_token_id=cfg.eos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id
         )
     return hf.eval()
-
-
-# -- export -----------------------------------------------------------------------------------------
-def _verify_inputs(cfg: GPTConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fixed token ids (never the pad id) and a mask; the second row is right-padded for classifiers."""
-    T = min(cfg.context_length, 12)
-    g = torch.Generator().manual_seed(1234)
-    ids = torch.randint(0, cfg.vocab_size, (2, T), generator=g)
-    if 0 <= cfg.pad_token_id < cfg.vocab_size and cfg.vocab_size > 1:
-        ids[ids == cfg.pad_token_id] = (cfg.pad_token_id + 1) % cfg.vocab_size
-    mask = torch.ones_like(ids)
-    if cfg.num_labels and T > 1:
-        n_pad = max(1, T // 3)
-        ids[1, T - n_pad :] = cfg.pad_token_id
-        mask[1, T - n_pad :] = 0
-    return ids, mask
-
-
-def verify_export(
-    path: str | os.PathLike, model: GPT, atol: float = VERIFY_ATOL, rtol: float = VERIFY_RTOL
-) -> float:
-    """Reload an export with transformers (eager, fp32) and compare logits and token ids with gptforge.
-
-    Returns the largest absolute logit difference; a mismatch raises ConversionError.
-    """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-    cfg = model.cfg
-    auto = AutoModelForSequenceClassification if cfg.num_labels else AutoModelForCausalLM
-    try:
-        hf = auto.from_pretrained(
-            str(path), local_files_only=True, attn_implementation="eager", dtype=torch.float32
-        ).eval()
-    except Exception as e:
-        raise ConversionError(
-            f"{path}: transformers cannot load the export ({type(e).__name__}: {e})"
-        ) from None
-    ids, mask = _verify_inputs(cfg)
-    ref = _fp32_cpu(model)
-    with torch.no_grad():
-        ours = ref(ids, attention_mask=mask if cfg.num_labels else None)
-        theirs = hf(input_ids=ids, attention_mask=mask).logits
-    if ours.shape != theirs.shape:
-        raise ConversionError(f"{path}: logits shape {tuple(theirs.shape)} != gptforge's {tuple(ours.shape)}")
-    diff = (ours - theirs).abs().max().item()
-    if not torch.allclose(ours, theirs, atol=atol, rtol=rtol):
-        raise ConversionError(
-            f"{path}: exported logits differ from gptforge's by up to {diff:.3g} (tolerance {atol} + "
-            f"{rtol} * |logit|); the export is not exact"
-        )
-    if (Path(path) / "tokenizer.json").is_file():
-        from gptforge.model.tokenizer import Tokenizer
-
-        text = "Hello, world! GPT-2 exports stay exact.<|endoftext|> 12345"
-        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        if tok(text)["input_ids"] != Tokenizer().encode(text):
-            raise ConversionError(f"{path}: the exported tokenizer's ids differ from gptforge's tokenizer")
-    return diff
-
-
-def _fp32_cpu(model: GPT) -> GPT:
-    """The model itself when already CPU fp32 in eval mode, else a CPU fp32 eval copy (user's model untouched)."""
-    params = list(model.parameters())
-    if not model.training and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in params):
-        return model
-    with torch.device("meta"):
-        ref = GPT(model.cfg)
-    ref.to_empty(device="cpu")
-    if model.cfg.tie_embeddings:
-        ref.lm_head.weight = ref.tok_emb.weight
-    ref.load_state_dict({k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()})
-    return ref.eval()
-
-
-def _flatten(metrics: Mapping, prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for k, v in metrics.items():
-        if isinstance(v, Mapping):
-            flat.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            flat[f"{prefix}{k}"] = v
-    return flat
-
-
-def model_card(
-    model: GPT,
-    metrics: Mapping | None = None,
-    prompt_style: Mapping | None = None,
-    max_diff: float | None = None,
-) -> str:
-    """README.md for the export: what it is, how big, how well it did, how to load it."""
-    from gptforge import __version__
-
-    cfg = model.cfg
-    task = "text-classification" if cfg.num_labels else "text-generation"
-    auto = "AutoModelForSequenceClassification" if cfg.num_labels else "AutoModelForCausalLM"
-    rows = [
-        ("architecture", "GPT2ForSequenceClassification" if cfg.num_labels else "GPT2LMHeadModel"),
-        ("layers / heads / width", f"{cfg.n_layers} / {cfg.n_heads} / {cfg.emb_dim}"),
-        ("MLP width", str(cfg.hidden_dim)),
-        ("context length", str(cfg.context_length)),
-        ("vocabulary", str(cfg.vocab_size)),
-        ("activation", cfg.activation),
-        ("tied embeddings", str(cfg.tie_embeddings)),
-        ("qkv bias", str(cfg.qkv_bias)),
-        ("parameters", f"{model.num_parameters():,}"),
-    ]
-    if cfg.num_labels:
-        labels = cfg.id2label or {i: f"LABEL_{i}" for i in range(cfg.num_labels)}
-        rows.append(("labels", ", ".join(f"{i}={labels[i]}" for i in sorted(labels))))
-    lines = [
-        "---",
-        "library_name: transformers",
-        f"pipeline_tag: {task}",
-        "tags: [gpt2, gptforge]",
-        "---",
-        "",
-        f"# GPT-2 {'classifier' if cfg.num_labels else 'language model'} (exported by gptforge {__version__})",
-        "",
-        "A GPT-2 trained with gptforge and exported to the standard `transformers` GPT-2 format. "
-        + (
-            f"The export was reloaded with `transformers` (eager attention, fp32) and its logits matched "
-            f"gptforge's (largest difference {max_diff:.2g}; tolerance {VERIFY_ATOL} + {VERIFY_RTOL} * |logit|)."
-            if max_diff is not None
-            else "The export was not verified against gptforge."
-        ),
-        "",
-        "| | |",
-        "|---|---|",
-        *(f"| {k} | {v} |" for k, v in rows),
-    ]
-    if metrics:
-        lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
-        for k, v in _flatten(metrics).items():
-            shown = f"{v:.4g}" if isinstance(v, float) else str(v)
-            lines.append(f"| {k} | {shown} |")
-    if prompt_style:
-        lines += [
-            "",
-            "## Prompt style",
-            "",
-            f"Prompts follow `prompt_style.json` ({prompt_style.get('name', '?')}).",
-        ]
-    example = (
-        'print(pipe("This is a test message"))'
-        if cfg.num_labels
-        else 'print(pipe("Every effort moves you", max_new_tokens=20, do_sample=False))'
-    )
-    lines += [
-        "",
-        "## How to load",
-        "",
-        "```python",
-        f"from transformers import AutoTokenizer, {auto}, pipeline",
-        "",
-        'path = "."  # this directory',
-        "tokenizer = AutoTokenizer.from_pretrained(path)",
-        f"model = {auto}.from_pretrained(path)",
-        f'pipe = pipeline("{task}", model=model, tokenizer=tokenizer)',
-        example,
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-@functools.lru_cache(maxsize=1)
-def _tokenizer_files() -> tuple[tuple[str, bytes], ...]:
-    """The HF tokenizer files, built once per process (building them takes about a second)."""
-    from gptforge.model.tokenizer import save_hf_tokenizer
-
-    with tempfile.TemporaryDirectory() as d:
-        save_hf_tokenizer(d)
-        return tuple((f.name, f.read_bytes()) for f in sorted(Path(d).iterdir()) if f.is_file())
-
-
-def write_tokenizer(out_dir: Path, context_length: int) -> None:
-    """GPT-2 tokenizer files, with the model's context length as the limit pipelines truncate to."""
-    for name, data in _tokenizer_files():
-        if name == "tokenizer_config.json":
-            tok_cfg = json.loads(data)
-            tok_cfg["model_max_length"] = context_length
-            data = (json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-        (out_dir / name).write_bytes(data)
-
-
-def is_nonempty_dir(p: Path) -> bool:
-    return p.exists() and (not p.is_dir() or any(p.iterdir()))
-
-
-def export(
-    model: GPT,
-    out_dir: str | os.PathLike,
-    *,
-    metrics: dict | None = None,
-    prompt_style: dict | None = None,
-    overwrite: bool = False,
-    verify: bool = True,
-) -> Path:
-    """Write a Hugging Face model dir (weights, config, tokenizer, card), verified by reloading it.
-
-    The dir is built and checked in a sibling temp dir and renamed into place only when it passed,
-    so a failed export leaves no trace and an existing dir is never half-overwritten.
-    """
-    from gptforge.io import atomic_dir, write_json
-    from gptforge.model.tokenizer import N_VOCAB
-
-    out = Path(out_dir)
-    if is_nonempty_dir(out) and not overwrite:
-        raise ConversionError(
-            f"{out} already exists and is not empty; pass overwrite=True (CLI: --overwrite)"
-        )
-    cfg = model.cfg
-    if cfg.num_labels and not 0 <= cfg.pad_token_id < cfg.vocab_size:
-        raise ConversionError(
-            f"model.pad_token_id={cfg.pad_token_id} is outside vocab_size={cfg.vocab_size}; a classifier "
-            "pads with it, so set pad_token_id to a token id of the vocabulary"
-        )
-    if cfg.vocab_size < N_VOCAB:
-        warnings.warn(
-            f"vocab_size={cfg.vocab_size} is smaller than the GPT-2 tokenizer's {N_VOCAB} tokens; "
-            "the exported tokenizer can produce ids the model does not have",
-            stacklevel=2,
-        )
-    hf = to_hf(model, copy=False)
-
-    def write(tmp: Path) -> None:
-        hf.save_pretrained(str(tmp))
-        write_tokenizer(tmp, cfg.context_length)
-        if prompt_style:
-            write_json(tmp / "prompt_style.json", prompt_style)
-        diff = verify_export(tmp, model) if verify else None
-        (tmp / "README.md").write_text(model_card(model, metrics, prompt_style, diff), encoding="utf-8")
-
-    return atomic_dir(out, write, overwrite=True)

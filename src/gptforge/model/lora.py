@@ -4,7 +4,7 @@ A targeted `nn.Linear` becomes a `LoRALinear` (a subclass that keeps `weight` an
 names, so base checkpoints, converters and tied weights work unchanged) with two extra fp32 parameters:
 `lora_A` (r, in) and `lora_B` (out, r); the output is `base(x) + B(A(dropout(x))) * alpha / r`, the same
 computation and initialisation as PEFT (A: kaiming_uniform(a=sqrt(5)), B: zeros), so an adapter exported
-with `export_peft` gives the same logits in `peft` on `transformers` GPT-2.
+with `export.peft.export_peft` gives the same logits in `peft` on `transformers` GPT-2.
 
 An adapter checkpoint stores only the adapter tensors plus the classification head (a new head is not in
 the base): `adapter.safetensors`, `adapter.json` (LoRA config, base path, base fingerprint), `config.json`
@@ -35,6 +35,7 @@ from gptforge.model.checkpoint import (
 )
 from gptforge.model.config import GPTConfig
 from gptforge.model.gpt import GPT, Linear
+from gptforge.model.hf import from_hf
 
 # Our target names (module paths inside a block, plus the head) and their transformers GPT-2 names.
 BLOCK_TARGETS: dict[str, str] = {
@@ -357,15 +358,11 @@ def is_adapter(path: str | os.PathLike) -> bool:
 
 
 def load_base(base: str | os.PathLike, device: str | torch.device = "cpu") -> GPT:
-    """A base model from a gptforge checkpoint dir, or (through `hf.from_hf`) a Hugging Face GPT-2."""
+    """A base model from a gptforge checkpoint dir, an adapter dir (merged), or a Hugging Face GPT-2."""
+    if (Path(base) / ADAPTER_META).is_file():
+        return merge_lora(load_adapter(base, device=device))
     if is_checkpoint(base):
         return load_checkpoint(base, device=device)
-    try:
-        from gptforge.model.hf import from_hf
-    except ImportError:
-        raise CheckpointError(
-            f"{base}: not a gptforge checkpoint dir (config.json + model.safetensors)"
-        ) from None
     return from_hf(base).to(device)
 
 
@@ -420,7 +417,8 @@ def load_adapter(
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrap the model's parameter names
 
 
-def _strip_wrappers(key: str) -> str:
+def strip_wrappers(key: str) -> str:
+    """A parameter name without the prefixes that DDP (`module.`) and torch.compile (`_orig_mod.`) add."""
     while key.startswith(_WRAPPER_PREFIXES):
         key = key.split(".", 1)[1]
     return key
@@ -428,46 +426,11 @@ def _strip_wrappers(key: str) -> str:
 
 def is_adapter_key(key: str) -> bool:
     """True for the tensors an adapter checkpoint keeps: lora_A/lora_B and the classification head."""
-    key = _strip_wrappers(key)
+    key = strip_wrappers(key)
     return key.endswith((".lora_A", ".lora_B")) or key.startswith("score.")
 
 
-def register_adapter_checkpointing(accelerator) -> None:
-    """Make `accelerator.save_state` / `load_state` keep only the adapter (and head) of LoRA models.
-
-    The frozen base is never written to resumable checkpoints; on load the adapter tensors go into the
-    model (which must already be base + `apply_lora`) strictly, and accelerate's own full-model load is
-    skipped for it. Optimizer, scheduler and RNG states are saved and restored by accelerate as usual.
-    """
-    from safetensors.torch import load_file
-
-    def save_hook(models: list, weights: list, output_dir: str) -> None:
-        for i, m in enumerate(models):
-            if lora_config(accelerator.unwrap_model(m)) is not None:
-                weights[i] = {k: v for k, v in weights[i].items() if is_adapter_key(k)}
-
-    def load_hook(models: list, input_dir: str) -> None:
-        for i in reversed(range(len(models))):
-            inner = accelerator.unwrap_model(models[i])
-            if lora_config(inner) is None:
-                continue
-            if i != len(models) - 1:
-                raise CheckpointError(
-                    "adapter checkpointing supports a LoRA model only as the last prepared model"
-                )
-            path = Path(input_dir) / f"model{f'_{i}' if i else ''}.safetensors"
-            if not path.is_file():
-                raise CheckpointError(f"{path}: adapter weights missing; the checkpoint is incomplete")
-            device = str(next(inner.parameters()).device)
-            sd = {_strip_wrappers(k): v for k, v in load_file(str(path), device=device).items()}
-            load_adapter_state(inner, sd, source=str(path))
-            models.pop(i)  # accelerate would load the file strictly into the full model: done here instead
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-
-
-# -- PEFT export -------------------------------------------------------------------------------------
+# -- PEFT conversion ---------------------------------------------------------------------------------
 PEFT_PREFIX = "base_model.model."
 
 
@@ -518,56 +481,3 @@ def to_peft(model: GPT) -> tuple[dict[str, torch.Tensor], dict]:
         "inference_mode": True,
     }
     return sd, adapter_config
-
-
-def export_peft(model: GPT, out_dir: str | os.PathLike, base_model_name_or_path: str | None) -> Path:
-    """Write a PEFT adapter dir (adapter_config.json + adapter_model.safetensors) atomically."""
-    from safetensors.torch import save_file
-
-    sd, adapter_config = to_peft(model)
-    adapter_config["base_model_name_or_path"] = base_model_name_or_path
-
-    def write(tmp: Path) -> None:
-        save_file(sd, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        write_json(tmp / "adapter_config.json", adapter_config)
-
-    return atomic_dir(out_dir, write)
-
-
-@torch.no_grad()
-def verify_peft(
-    model: GPT,
-    peft_dir: str | os.PathLike,
-    base_hf_dir: str | os.PathLike,
-    atol: float = 1e-5,
-    seq_len: int = 16,
-) -> float:
-    """Load `peft_dir` with peft onto the transformers model in `base_hf_dir`; compare logits with `model`.
-
-    Returns the largest absolute difference; raises ConversionError when it exceeds `atol`.
-    """
-    from peft import PeftModel
-    from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
-
-    kw: dict = {"attn_implementation": "eager", "dtype": torch.float32}
-    if model.is_classifier:
-        hf = GPT2ForSequenceClassification.from_pretrained(
-            str(base_hf_dir), num_labels=model.cfg.num_labels, pad_token_id=model.cfg.pad_token_id, **kw
-        )
-    else:
-        hf = GPT2LMHeadModel.from_pretrained(str(base_hf_dir), **kw)
-    peft_model = PeftModel.from_pretrained(hf, str(peft_dir)).eval()
-    g = torch.Generator().manual_seed(0)
-    T = min(seq_len, model.cfg.context_length)
-    ids = torch.randint(0, model.cfg.vocab_size, (2, T), generator=g)
-    ids[ids == model.cfg.pad_token_id] = 0  # no padding: both sides pool the last token
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    ours = model(ids.to(device)).float().cpu()
-    model.train(was_training)
-    theirs = peft_model(input_ids=ids).logits.float()
-    diff = (ours - theirs).abs().max().item()
-    if diff > atol:
-        raise ConversionError(f"{peft_dir}: peft logits differ from gptforge's by {diff:.3g} > {atol}")
-    return diff

@@ -1,4 +1,4 @@
-"""Speed helpers: which precision pays off on this machine, and a cross-entropy that never holds full logits.
+"""A cross-entropy for the LM head that never holds the full logits.
 
 The GPT-2 head maps every token to 50,257 logits; at batch 8 x 256 tokens that is 411 MB of fp32 logits,
 another 411 MB for their softmax and another for the gradient. `fused_linear_cross_entropy` computes
@@ -7,137 +7,14 @@ the loss and both gradients a slice of tokens at a time, so only one slice of lo
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import os
-import platform
-
 import torch
 import torch.nn.functional as F
 
-from gptforge.errors import ConfigError
-
 IGNORE_INDEX = -100
-PRECISIONS = ("bf16", "fp16", "no")
 # Most elements in one slice of logits (fp32): 2**25 is 128 MB (667 tokens of a 50k vocabulary): few
 # slices, so the weight gradient is accumulated few times. Rows are split evenly: batch 8 x 256 makes
 # four slices of 512 tokens (one 103 MB buffer, against 1.2 GB for full logits, softmax and gradient).
 CHUNK_ELEMENTS = 1 << 25
-
-
-@functools.lru_cache(maxsize=1)
-def _cpu_flags() -> frozenset[str]:
-    """CPU feature flags from /proc/cpuinfo (Linux x86); empty where it cannot be read."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_has_native_bf16() -> bool:
-    """True where the CPU multiplies bf16 in hardware (AVX512-BF16 or AMX), so bf16 autocast is faster.
-
-    Without those units oneDNN falls back to slow conversion paths: on an AVX2-only EPYC a bf16 matmul
-    ran over 10x slower than fp32, so bf16 must be a measured choice, never a default.
-    """
-    if not torch.backends.mkldnn.is_available():
-        return False
-    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    for name in probes:
-        fn = getattr(torch.cpu, name, None)
-        if fn is not None:
-            try:
-                if fn():
-                    return True
-            except RuntimeError:
-                pass
-    return platform.machine().lower() in ("x86_64", "amd64") and bool(
-        _cpu_flags() & {"amx_bf16", "avx512_bf16"}
-    )
-
-
-def best_precision(device: str | torch.device | None = None) -> str:
-    """Mixed precision that is fastest and safe on `device`: "bf16", "fp16" or "no" (Accelerate's names).
-
-    CUDA: bf16 where the GPU supports it (Ampere and newer), else fp16 (with loss scaling in Accelerate).
-    CPU: bf16 only with native bf16 matrix units; otherwise fp32. `$GPTFORGE_PRECISION` overrides.
-    """
-    forced = os.environ.get("GPTFORGE_PRECISION")
-    if forced:
-        if forced not in PRECISIONS:
-            raise ConfigError(
-                f"GPTFORGE_PRECISION={forced!r}: use one of {', '.join(PRECISIONS)} or unset it"
-            )
-        return forced
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            return "no"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if dev.type == "cpu":
-        return "bf16" if cpu_has_native_bf16() else "no"
-    return "no"
-
-
-def autocast_dtype(precision: str) -> torch.dtype | None:
-    """torch dtype for an Accelerate precision name; None for "no"."""
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}[precision]
-
-
-# glibc mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-_KEEP_FREED_BYTES = 2**31 - 1  # mallopt takes a C int: the largest trim threshold it can set (2 GiB)
-_allocator_tuned = False
-
-
-@functools.lru_cache(maxsize=1)
-def _glibc() -> ctypes.CDLL | None:
-    """The C library where it is glibc on Linux (the only allocator these settings apply to), else None."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return None
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    libc.malloc_trim.argtypes = [ctypes.c_size_t]
-    return libc
-
-
-def keep_freed_memory() -> bool:
-    """Let freed CPU memory be reused in this process instead of handed back to the kernel (glibc only).
-
-    By default glibc serves every allocation over 32 MB with its own mmap and unmaps it on free, and it
-    trims the heap top once 64 MB or more is free: a training step then gets its big tensors (the vocabulary
-    head's gradients, a slice of logits) as fresh pages, and the kernel zeroes each 4 KiB page on first
-    touch. On a 2-core VM the default pipeline's pretraining spent 35 s of its 109 s that way (10.7 M page
-    faults). This keeps every allocation on the heap and never trims it, as jemalloc/tcmalloc would: the
-    resident size stays near the peak of a step. Process-wide and lasting; `$GPTFORGE_MALLOC=default`
-    leaves the allocator alone. Returns whether the setting is in force.
-    """
-    global _allocator_tuned
-    if _allocator_tuned:
-        return True
-    if os.environ.get("GPTFORGE_MALLOC", "").strip().lower() in ("default", "0", "off", "no"):
-        return False
-    libc = _glibc()
-    if libc is None:
-        return False
-    _allocator_tuned = (
-        libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_FREED_BYTES) == 1
-    )
-    return _allocator_tuned
-
-
-def release_freed_memory() -> None:
-    """Hand the heap's free pages back to the kernel (after training, where `keep_freed_memory` held them)."""
-    if _allocator_tuned:  # only ever set where _glibc() found the library
-        _glibc().malloc_trim(0)
 
 
 def _chunk_rows(n_rows: int, vocab: int, chunk_elements: int) -> int:

@@ -768,7 +768,7 @@ def evaluate_checkpoint(
 def _evaluate_checkpoint(
     task, ckpt_dir, out_dir, data, judge, splits, batch_size, max_new_tokens, device, use_stemmer, progress
 ) -> dict:
-    from gptforge.model.checkpoint import load_checkpoint
+    from gptforge.model.load import load_model as load_checkpoint  # adapter dirs too, merged
 
     model = load_checkpoint(ckpt_dir)
     task = task or infer_task(ckpt_dir, model)

@@ -16,7 +16,6 @@ import json
 import os
 import re
 import string
-import threading
 import time
 import urllib.error
 import urllib.parse
@@ -342,7 +341,6 @@ def judge_records(
         out["prompt"] = prompt
         return out
 
-    lock = threading.Lock()
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -352,8 +350,7 @@ def judge_records(
         futures = [pool.submit(one, i) for i in range(len(records))]
         for fut in as_completed(futures):
             j = fut.result()
-            with lock:
-                judgments[j["index"]] = j
+            judgments[j["index"]] = j  # only this thread writes here; the workers just return
             if bar is not None:
                 bar.update(1)
     if bar is not None:

@@ -312,15 +312,16 @@ def summarize_evaluation(m: dict) -> dict:
 
 
 def _run_export(pipe: Pipeline, sec: dict) -> tuple[str, dict, dict]:
-    from gptforge.model.checkpoint import load_checkpoint, read_metadata
-    from gptforge.model.hf import export
+    from gptforge.export.hf import export
+    from gptforge.model.checkpoint import read_metadata
+    from gptforge.model.load import load_model
 
     eval_man = read_manifest(pipe.stage_dir("evaluate")) if "evaluate" in pipe.stages else None
     metrics, outputs = {}, {}
     for model_stage in _upstream_models(pipe, "export"):
         fault_point("export")
         ckpt = final_checkpoint(pipe, model_stage)
-        model = load_checkpoint(ckpt)
+        model = load_model(ckpt)
         card_metrics = ((eval_man or {}).get("metrics") or {}).get(model_stage)
         out = pipe.stage_dir("export") / model_stage
         export(

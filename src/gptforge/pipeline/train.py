@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from gptforge.errors import ConfigError
-from gptforge.model.checkpoint import is_checkpoint, load_checkpoint
 from gptforge.model.config import GPTConfig
 from gptforge.model.gpt import GPT
+from gptforge.model.load import is_model_dir, load_model
 from gptforge.model.lora import apply_lora, count_parameters
 from gptforge.pipeline.config import (
     ClassifyConfig,
@@ -41,8 +41,8 @@ def build_model(mcfg: ModelConfig) -> GPT:
             f"{mcfg.init} brings its own sizes (remove the override)"
         )
     p = Path(mcfg.init).expanduser()
-    if is_checkpoint(p):
-        model = load_checkpoint(p)
+    if is_model_dir(p):
+        model = load_model(p)
     else:
         from gptforge.model.hf import from_hf
 

@@ -39,11 +39,12 @@ import torch.nn.functional as F
 
 from gptforge.errors import ConfigError, TrainingError
 from gptforge.io import atomic_dir, fault_point, write_json
+from gptforge.machine import cpu_has_native_bf16, keep_freed_memory, release_freed_memory
 from gptforge.model.checkpoint import save_checkpoint
 from gptforge.model.gpt import GPT
-from gptforge.model.lora import describe_trainable, lora_config, register_adapter_checkpointing, save_adapter
-from gptforge.model.perf import keep_freed_memory, release_freed_memory
+from gptforge.model.lora import describe_trainable, lora_config, save_adapter
 from gptforge.pipeline.config import TrainConfig
+from gptforge.pipeline.lora_state import register_adapter_checkpointing
 
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
@@ -207,15 +208,6 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     if not p.is_file():
         return []
     return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def cpu_has_native_bf16() -> bool | None:
-    """Whether this CPU has bf16 matrix units (Linux flags avx512_bf16 / amx_bf16); None if unknown."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return None
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 class _TiedHeadNote(logging.Filter):
