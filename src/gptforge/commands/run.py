@@ -11,6 +11,7 @@ def run(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(
         prog="gptforge run",
+        allow_abbrev=False,
         description="Run a pipeline's stages (pretrain -> classify -> instruct -> evaluate -> export). "
         "A re-run skips finished stages whose config and inputs are unchanged and resumes interrupted ones.",
     )
@@ -57,14 +58,13 @@ def run(argv: list[str]) -> int:
         print("\n".join(pipe.stages))
         return 0
     if args.print_config:
-        import dataclasses
-
         import yaml
+
+        from gptforge.pipeline.runner import stage_record
 
         for stage in pipe.stages:
             cfg = stage_config(pipe, stage, check_only=True)
-            body = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg
-            print(yaml.safe_dump({stage: body}, sort_keys=False), end="")
+            print(yaml.safe_dump({stage: stage_record(stage, cfg)}, sort_keys=False), end="")
         return 0
     results = run_pipeline(pipe, from_stage=args.from_stage, only=args.only, force=args.force)
     from accelerate import PartialState

@@ -624,10 +624,9 @@ def config_from_mapping(
     cfg = from_dict(cls, mapping, where=where, exclude=exclude)
     try:
         return validate(cfg)
-    except ConfigError as e:
-        if where is None or callable(where):
-            raise
-        raise ConfigError(f"{where}{e}") from None
+    except ConfigError as e:  # cross-field rules name no source of their own: the config's is used
+        prefix = where("") if callable(where) else (where or "")
+        raise ConfigError(f"{prefix}{e}") from None
 
 
 # -- the command line -------------------------------------------------------------------------------------
@@ -901,3 +900,16 @@ def load_config(task: str, path: str | Path | None = None, **overrides: Any) -> 
         _set(data, k, v)
         origins[k] = ""
     return config_from_mapping(TASK_CONFIGS[task], data, where=_origin_lookup(origins))
+
+
+def cli_config(verb: str, argv: list[str]) -> Any | None:
+    """A verb's config from its argv; None when `--help` or `--print-config` was answered (printed)."""
+    head = argv[: argv.index("--")] if "--" in argv else argv
+    if any(a in ("-h", "--help") for a in head):
+        print(format_help(verb), end="")
+        return None
+    cfg, show = parse_argv(verb, argv)
+    if show:
+        print(dump_config(cfg), end="")
+        return None
+    return cfg
