@@ -15,13 +15,13 @@ from gptforge.pipeline.config import EvaluateConfig
 def _template_file(argv: list[str]) -> list[str]:
     """`--judge.template-file FILE` is short for `--judge.template "<the file's text>"`."""
     out, i = [], 0
-    given = {a.split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--judge.template")}
-    if {"--judge.template", "--judge.template_file"} <= given:
+    given = {a.split("=", 1)[0][2:].replace("-", "_") for a in argv if a.startswith("--judge.template")}
+    if {"judge.template", "judge.template_file"} <= given:
         raise ConfigError("give --judge.template or --judge.template-file, not both")
     while i < len(argv):
         a = argv[i]
         name, eq, value = a.partition("=")
-        if name.replace("-", "_") == "--judge.template_file":
+        if name[2:].replace("-", "_") == "judge.template_file":
             if not eq:
                 if i + 1 >= len(argv):
                     raise ConfigError("--judge.template-file needs a file")

@@ -580,7 +580,7 @@ def validate(cfg: Any) -> Any:
         return cfg
     if isinstance(cfg, (ClassifyTextsConfig, GenerateConfig, ExportConfig)):
         check_not_run_dir("checkpoint", cfg.checkpoint)
-        if isinstance(cfg.batch_size, int) and cfg.batch_size < 1:
+        if isinstance(getattr(cfg, "batch_size", None), int) and cfg.batch_size < 1:
             raise ConfigError(f"batch_size={cfg.batch_size} must be >= 1")
         return cfg
     if not isinstance(cfg, tuple(TASK_CONFIGS.values())):
