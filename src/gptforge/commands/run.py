@@ -6,6 +6,13 @@ import argparse
 import os
 
 
+def _error(message: str):
+    """argparse's usage errors as one line, exit 2 (the CLI's ConfigError path)."""
+    from gptforge.errors import ConfigError
+
+    raise ConfigError(f"{message} (see `gptforge run --help`)")
+
+
 def run(argv: list[str]) -> int:
     from gptforge.pipeline.runner import STAGES
 
@@ -47,6 +54,7 @@ def run(argv: list[str]) -> int:
     parser.add_argument(
         "--list-stages", action="store_true", help="print the pipeline's stages, one a line, and exit"
     )
+    parser.error = _error  # type: ignore[method-assign]
     args = parser.parse_args(argv)
 
     from gptforge.pipeline.runner import load_pipeline, print_summary, run_pipeline, stage_config

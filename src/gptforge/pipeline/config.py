@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -524,7 +525,7 @@ VERBS: dict[str, Cli] = {
         {"data": "data.dataset", "test_data": "data.test_sources", **{k: f"data.{k}" for k in _EVAL_DATA}},
     ),
     "classify": Cli(ClassifyTextsConfig, "gptforge classify", ("checkpoint", "texts")),
-    "export": Cli(ExportConfig, "gptforge export", ("checkpoint",), {"ckpt": "checkpoint"}),
+    "export": Cli(ExportConfig, "gptforge export", ("checkpoint",)),
     "convert": Cli(ConvertConfig, "gptforge convert"),
     "generate": Cli(GenerateConfig, "gptforge generate", ("checkpoint", "prompts")),
     "merge": Cli(MergeConfig, "gptforge merge", ("adapter",)),
@@ -803,7 +804,7 @@ def format_help(verb: str) -> str:
     lines = [
         f"usage: {spec.prog} {pos + ' ' if pos else ''}[--config FILE.yaml] [--print-config] [--KEY VALUE ...]",
         "",
-        (cls.__doc__ or "").strip(),
+        inspect.cleandoc(cls.__doc__ or ""),
         "",
         "options:",
         "  -h, --help            show this help and exit",
@@ -841,9 +842,10 @@ def _help_fields(cls: type, prefix: str, indent: str) -> list[str]:
             sections.append((name, sub, docs.get(name) or (sub.__doc__ or "").strip().splitlines()[0]))
             continue
         default = defaults.get(name)
-        shown = "null" if default is None else default
-        out.append(f"  --{prefix}{name} {type_name(tp).upper() if tp is not bool else '[true|false]'}")
-        out.append(f"      {docs.get(name, '')} (default: {shown})".replace("  (", " ("))
+        shown = "null" if default is None else str(default).lower() if isinstance(default, bool) else default
+        out.append(f"  --{prefix}{name}  ({type_name(tp)}; default: {shown})")
+        if docs.get(name):
+            out.append(f"      {docs[name]}")
     for name, sub, doc in sections:
         out += ["", f"{prefix}{name}: {doc}"]
         if _dataclass_optional(hints(cls)[name]):
