@@ -854,17 +854,6 @@ def _help_fields(cls: type, prefix: str, indent: str) -> list[str]:
     return out
 
 
-def build_parser(task: str, prog: str | None = None):
-    """Kept for callers that printed a task's help: an object with `print_help()`."""
-    verb = task if task == "pretrain" else f"finetune {task}"
-
-    class _Help:
-        def print_help(self) -> None:
-            print(format_help(verb), end="")
-
-    return _Help()
-
-
 def parse_config(task: str, argv: list[str]) -> tuple[Any, bool]:
     """Parse `argv` into the task's config dataclass; returns (config, print_config_requested)."""
     return parse_argv(task if task == "pretrain" else f"finetune {task}", argv)
