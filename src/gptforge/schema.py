@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import difflib
 import inspect
+import os
 import textwrap
 import types
 import typing
@@ -264,6 +265,8 @@ def _convert(tp: Any, value: Any, key: str, where: Where, base: Any, root_keys: 
     if tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, os.PathLike):  # load_config(..., **{"train.out_dir": tmp_path / "x"})
+            return os.fspath(value)
         if isinstance(value, int) and not isinstance(value, bool):
             return str(value)  # a YAML `dataset: 2024` or `init: 123` names a file or dir
         raise _bad(key, value, tp, where)

@@ -58,6 +58,9 @@ def test_every_verb_is_covered_and_help_lists_every_field(capsys):
         keys = help_keys(capsys, verb)
         assert keys == set(known_keys(VERBS[verb].cls)), verb
         assert len(keys) >= 2
+    assert main(["finetune", "classify", "--help"]) == 0
+    out = capsys.readouterr().out  # defaults shown are the task's own, not the section class's
+    assert "--model.init  (str; default: gpt2)" in out and "--train.lr  (float; default: 5e-05)" in out
 
 
 def _defaults(cls: type) -> dict:

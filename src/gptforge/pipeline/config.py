@@ -813,7 +813,7 @@ def format_help(verb: str) -> str:
     ]
     if spec.positionals:
         lines.append(f"  positional arguments fill: {', '.join(spec.positionals)}")
-    lines += _help_fields(cls, "", "")
+    lines += _help_fields(cls, "", None)
     inverse: dict[str, list[str]] = {}
     for flag, key in spec.aliases.items():
         inverse.setdefault(key, []).append("--" + flag.replace("_", "-"))
@@ -826,14 +826,15 @@ def format_help(verb: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _help_fields(cls: type, prefix: str, indent: str) -> list[str]:
+def _help_fields(cls: type, prefix: str, obj: Any) -> list[str]:
+    """Help lines of a config's fields; defaults come from `obj` (the parent's default: a task's own)."""
     docs = field_docs(cls)
-    defaults = {}
-    try:
-        inst = cls()
-        defaults = {f.name: getattr(inst, f.name) for f in dataclasses.fields(cls) if f.init}
-    except (TypeError, ConfigError):
-        pass
+    if obj is None:
+        try:
+            obj = cls()
+        except (TypeError, ConfigError):
+            obj = None
+    defaults = {f.name: getattr(obj, f.name) for f in dataclasses.fields(cls) if f.init} if obj else {}
     out = []
     sections = []
     for name, tp in hints(cls).items():
@@ -850,7 +851,8 @@ def _help_fields(cls: type, prefix: str, indent: str) -> list[str]:
         out += ["", f"{prefix}{name}: {doc}"]
         if _dataclass_optional(hints(cls)[name]):
             out.append(f"  --{prefix}{name}  turn it on with its defaults (null: off)")
-        out += _help_fields(sub, f"{prefix}{name}.", indent)
+        sub_obj = defaults.get(name)
+        out += _help_fields(sub, f"{prefix}{name}.", sub_obj if isinstance(sub_obj, sub) else None)
     return out
 
 
