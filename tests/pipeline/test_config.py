@@ -282,3 +282,18 @@ def test_model_lora_and_judge_configs_share_the_validator():
         JudgeConfig.from_dict({"concurrency": "two"})
     with pytest.raises(ConfigError, match=r"judge.concurrency=0 must be at least 1"):
         JudgeConfig.from_dict({"concurrency": 0})
+
+
+def test_run_print_config_sections_feed_back_as_a_pipeline(tmp_path, capsys):
+    path = write(
+        tmp_path, {**PIPE, "stages": ["classify", "evaluate", "export"], "export": {"verify": False}}
+    )
+    assert main(["run", str(path), "--print-config", "--set", "evaluate.judge.model=m"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert "out_dir" not in printed["classify"]["train"] and "checkpoint" not in printed["evaluate"]
+    assert printed["evaluate"]["judge"]["model"] == "m" and printed["export"]["verify"] is False
+    again = write(
+        tmp_path, {"name": "mini", "stages": ["classify", "evaluate", "export"], **printed}, "again.yaml"
+    )
+    assert main(["run", str(again), "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out) == printed

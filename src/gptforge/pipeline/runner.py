@@ -246,13 +246,16 @@ def stage_config(pipe: Pipeline, stage: str, check_only: bool = False) -> Any:
 
 
 def stage_record(stage: str, cfg: Any) -> dict:
-    """A stage's config as a pipeline file would write it (runner-filled keys dropped): --print-config."""
+    """A stage's config as a pipeline file section accepts it (runner-filled keys dropped): --print-config."""
     from gptforge.pipeline.config import RUNNER_FILLED
 
     d = dataclasses.asdict(cfg)
     for key in RUNNER_FILLED[stage]:
-        if "." not in key:
-            d.pop(key, None)
+        *parents, last = key.split(".")
+        sub = d
+        for part in parents:
+            sub = sub.get(part) or {}
+        sub.pop(last, None)
     return d
 
 
