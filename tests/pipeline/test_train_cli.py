@@ -65,7 +65,7 @@ def test_task_defaults_follow_the_reference_recipes():
             ["pretrain", "--trian.epochs", "2"],
             "unknown config key 'trian.epochs'; did you mean 'train.epochs'?",
         ),
-        (["finetune", "classify", "--train.epochs", "x"], "train.epochs: Expected a int. Got value: x"),
+        (["finetune", "classify", "--train.epochs", "x"], "train.epochs='x': expected int"),
         (
             ["pretrain", "--train.mixed_precision", "fp61"],
             "train.mixed_precision='fp61' is not valid; did you mean 'fp16'?",
@@ -103,7 +103,7 @@ def test_unknown_yaml_key_names_file_key_and_suggestion(tmp_path, capsys):
     assert f"{bad}: unknown config key 'train.warmup_step'; did you mean 'train.warmup_steps'?" in err
     bad.write_text("train:\n  epochs: many\n")
     code, _, err = run_cli(capsys, "pretrain", "--config", str(bad), "--train.lr", "1e-3")
-    assert code == 2 and f"{bad}: train.epochs: Expected a int. Got value: many" in err
+    assert code == 2 and f"{bad}: train.epochs='many': expected int" in err
 
 
 def test_size_overrides_only_apply_to_scratch(tmp_path):

@@ -2,71 +2,70 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 from gptforge.errors import ConfigError, DataError
-
-JUDGE_FIELDS = {
-    # flag suffix -> (JudgeConfig field, type, help)
-    "backend": ("backend", str, "ollama (native /api/chat) or openai (any /v1/chat/completions server)"),
-    "model": ("model", str, "judge model name (default llama3)"),
-    "url": ("url", str, "server base URL (default http://localhost:11434 for ollama, :8000/v1 for openai)"),
-    "api-key-env": ("api_key_env", str, "environment variable holding the API key (never written anywhere)"),
-    "template": (
-        "template",
-        str,
-        "prompt template with {prompt} {instruction} {input} {output} {model_response}",
-    ),
-    "template-file": (None, str, "read the template from this file"),
-    "concurrency": ("concurrency", int, "requests in flight at once (default 4)"),
-    "timeout": ("timeout", float, "seconds per request (default 120)"),
-    "retries": ("retries", int, "extra attempts after timeouts, 429 and 5xx (default 3)"),
-    "backoff": ("backoff", float, "first retry delay in seconds, doubling (default 1)"),
-    "seed": ("seed", int, "sampling seed sent to the server (default 123)"),
-    "num-ctx": ("num_ctx", int, "Ollama context window (default 2048)"),
-    "max-tokens": ("max_tokens", int, "OpenAI: cap on the reply length"),
-}
+from gptforge.pipeline.config import EvaluateConfig
 
 
-def _parser_error(msg: str):
-    raise ConfigError(msg)
+def _template_file(argv: list[str]) -> list[str]:
+    """`--judge.template-file FILE` is short for `--judge.template "<the file's text>"`."""
+    out, i = [], 0
+    given = {a.split("=", 1)[0][2:].replace("-", "_") for a in argv if a.startswith("--judge.template")}
+    if {"judge.template", "judge.template_file"} <= given:
+        raise ConfigError("give --judge.template or --judge.template-file, not both")
+    while i < len(argv):
+        a = argv[i]
+        name, eq, value = a.partition("=")
+        if name[2:].replace("-", "_") == "judge.template_file":
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise ConfigError("--judge.template-file needs a file")
+                value, i = argv[i + 1], i + 1
+            try:
+                text = Path(value).read_text(encoding="utf-8")
+            except OSError as e:
+                raise ConfigError(f"--judge.template-file {value}: cannot read ({e.strerror})") from None
+            out += ["--judge.template", text]
+        else:
+            out.append(a)
+        i += 1
+    return out
 
 
-def add_judge_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("LLM judge (optional; any --judge.* option turns it on)")
-    g.add_argument(
-        "--judge", action="store_true", help="judge with the defaults (Ollama llama3 on localhost)"
+def _evaluate(cfg: EvaluateConfig) -> dict:
+    """Run one evaluation from its config (adapter onto today's evaluate_checkpoint/evaluate_responses_file)."""
+    if cfg.responses:
+        from gptforge.pipeline.evaluate import evaluate_responses_file
+
+        return evaluate_responses_file(
+            cfg.responses,
+            cfg.out,
+            response_key=cfg.response_key,
+            judge=cfg.judge,
+            use_stemmer=cfg.use_stemmer,
+            progress=cfg.progress,
+        )
+    from gptforge.pipeline.evaluate import evaluate_checkpoint
+
+    data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if v is not None}
+    return evaluate_checkpoint(
+        cfg.task,
+        cfg.checkpoint,
+        cfg.out,
+        data=data,
+        judge=cfg.judge,
+        splits=cfg.splits,
+        batch_size=cfg.batch_size,
+        max_new_tokens=cfg.max_new_tokens,
+        device=cfg.device,
+        use_stemmer=cfg.use_stemmer,
+        progress=cfg.progress,
     )
-    for flag, (_, typ, help_) in JUDGE_FIELDS.items():
-        under = flag.replace("-", "_")
-        names = [f"--judge.{flag}"] + ([f"--judge.{under}"] if under != flag else [])
-        g.add_argument(*names, dest="judge__" + under, type=typ, metavar=under.upper(), help=help_)
-
-
-def judge_config_from_args(ns: argparse.Namespace):
-    """A JudgeConfig when the judge was asked for, else None."""
-    from gptforge.pipeline.judge import JudgeConfig
-
-    given = {flag: getattr(ns, "judge__" + flag.replace("-", "_")) for flag in JUDGE_FIELDS}
-    given = {k: v for k, v in given.items() if v is not None}
-    if not ns.judge and not given:
-        return None
-    kwargs = {JUDGE_FIELDS[k][0]: v for k, v in given.items() if JUDGE_FIELDS[k][0]}
-    if "template-file" in given:
-        if "template" in given:
-            raise ConfigError("give --judge.template or --judge.template-file, not both")
-        path = Path(given["template-file"])
-        try:
-            kwargs["template"] = path.read_text(encoding="utf-8")
-        except OSError as e:
-            raise ConfigError(f"--judge.template-file {path}: cannot read ({e.strerror})") from None
-    cfg = JudgeConfig(**kwargs)
-    cfg.api_key()  # a missing key variable fails now, not after generation
-    return cfg
 
 
 def _print_summary(metrics: dict, out_dir: Path) -> None:
@@ -92,92 +91,22 @@ def _print_summary(metrics: dict, out_dir: Path) -> None:
 
 
 def evaluate(argv: list[str]) -> int:
-    from gptforge.pipeline.evaluate import TASKS
+    from gptforge.pipeline.config import cli_config
 
-    p = argparse.ArgumentParser(
-        prog="gptforge evaluate",
-        description="Evaluate a gptforge checkpoint on its task's data, or score a responses file "
-        "(the reference's JSON format) without a model. Writes metrics.json and report.md.",
-    )
-    p.error = _parser_error  # type: ignore[method-assign]
-    p.add_argument("checkpoint", nargs="?", help="gptforge checkpoint directory")
-    p.add_argument("--responses", help="score this JSON list of records with `output` and a response field")
-    p.add_argument(
-        "--response-key", default="model_response", help="the response field (default model_response)"
-    )
-    p.add_argument(
-        "--task", choices=TASKS, help="default: from the checkpoint (classifier, prompt style, else LM)"
-    )
-    p.add_argument("--data", help="data set name or file (default: the task's standard data)")
-    p.add_argument("--text-column", help="classification files: the text column")
-    p.add_argument("--label-column", help="classification files: the label column")
-    p.add_argument("--max-length", type=int, help="classification: truncate texts to this many tokens")
-    p.add_argument("--test-data", help="pretrain: held-out text file(s), comma-separated, scored as `test`")
-    p.add_argument("--prompt-style", help="instruct: override the checkpoint's prompt style (alpaca, phi3)")
-    p.add_argument(
-        "--splits",
-        help="comma-separated splits (default: validation,test for pretrain and "
-        "train,validation,test for classify; instruct uses test)",
-    )
-    p.add_argument("--limit", type=int, help="only the first N examples of each split (quick checks)")
-    p.add_argument("--out", help="output directory (default eval/<checkpoint or responses file name>)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=256, help="instruct: tokens generated per response")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best available)")
-    p.add_argument("--use-stemmer", action="store_true", help="ROUGE with the Porter stemmer")
-    p.add_argument("--no-progress", action="store_true")
-    add_judge_arguments(p)
-    ns = p.parse_args(argv)
-    judge = judge_config_from_args(ns)
-    if bool(ns.responses) == bool(ns.checkpoint):
-        raise ConfigError("give a checkpoint directory or --responses FILE.json (exactly one)")
-    if ns.limit is not None and ns.limit < 1:
-        raise ConfigError(f"--limit {ns.limit} must be >= 1")
-    if ns.batch_size < 1 or ns.max_new_tokens < 1:
-        raise ConfigError("--batch-size and --max-new-tokens must be >= 1")
-
-    if ns.responses:
-        from gptforge.pipeline.evaluate import evaluate_responses_file
-
-        out = Path(ns.out or Path("eval") / Path(ns.responses).stem)
-        metrics = evaluate_responses_file(
-            ns.responses,
-            out,
-            response_key=ns.response_key,
-            judge=judge,
-            use_stemmer=ns.use_stemmer,
-            progress=not ns.no_progress,
-        )
-        _print_summary(metrics, out)
+    cfg = cli_config("evaluate", _template_file(argv))
+    if cfg is None:
         return 0
-
-    from gptforge.pipeline.evaluate import evaluate_checkpoint
-
-    data = {
-        "dataset": ns.data,
-        "text_column": ns.text_column,
-        "label_column": ns.label_column,
-        "max_length": ns.max_length,
-        "limit": ns.limit,
-        "test_sources": ns.test_data,
-        "prompt_style": ns.prompt_style,
-    }
-    data = {k: v for k, v in data.items() if v is not None}
-    out = Path(ns.out or Path("eval") / "-".join(Path(ns.checkpoint).resolve().parts[-2:]))
-    metrics = evaluate_checkpoint(
-        ns.task,
-        ns.checkpoint,
-        out,
-        data=data,
-        judge=judge,
-        splits=ns.splits.split(",") if ns.splits else None,
-        batch_size=ns.batch_size,
-        max_new_tokens=ns.max_new_tokens,
-        device=ns.device,
-        use_stemmer=ns.use_stemmer,
-        progress=not ns.no_progress,
-    )
-    _print_summary(metrics, out)
+    if bool(cfg.responses) == bool(cfg.checkpoint):
+        raise ConfigError("give a checkpoint directory or --responses FILE.json (exactly one)")
+    if cfg.judge is not None:
+        cfg.judge.api_key()  # a missing key variable fails now, not after generation
+    if cfg.out is None:
+        name = (
+            Path(cfg.responses).stem if cfg.responses else "-".join(Path(cfg.checkpoint).resolve().parts[-2:])
+        )
+        cfg.out = str(Path("eval") / name)
+    metrics = _evaluate(cfg)
+    _print_summary(metrics, Path(cfg.out))
     return 0
 
 
@@ -233,29 +162,18 @@ def read_texts(path: str | Path, column: str | None = None) -> list[str]:
 
 
 def classify(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog="gptforge classify",
-        description="Label texts with a classifier checkpoint: prints label, probability and text per line "
-        "(or JSON lines with every class's probability).",
-    )
-    p.error = _parser_error  # type: ignore[method-assign]
-    p.add_argument("checkpoint", help="gptforge classifier checkpoint directory")
-    p.add_argument("texts", nargs="*", help="texts to classify")
-    p.add_argument("--file", help="one text per line, or a .csv/.tsv/.json/.jsonl file read by --column")
-    p.add_argument("--column", help="the text column of --file (default text)")
-    p.add_argument("--json", action="store_true", help="print one JSON object per text")
-    p.add_argument("--out", help="also write the results as JSONL to this file")
-    p.add_argument("--max-length", type=int, help="truncate texts to this many tokens (default: context)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", help="cpu, cuda, ... (default: the best available)")
-    ns = p.parse_args(argv)
+    from gptforge.pipeline.config import cli_config
+
+    ns = cli_config("classify", argv)
+    if ns is None:
+        return 0
+    if not ns.checkpoint:
+        raise ConfigError("give a classifier checkpoint directory, then texts or --file FILE")
     texts = list(ns.texts)
     if ns.file:
         texts += read_texts(ns.file, ns.column)
     if not texts:
         raise ConfigError("nothing to classify: give texts as arguments or --file FILE")
-    if ns.batch_size < 1:
-        raise ConfigError("--batch-size must be >= 1")
 
     from gptforge.model.load import load_model
     from gptforge.pipeline.evaluate import classify_texts

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -95,15 +94,11 @@ HEADER = (
 
 def info(argv: list[str]) -> int:
     """Presets (or one preset, or a checkpoint dir): sizes and the memory training them needs."""
-    p = argparse.ArgumentParser(
-        prog="gptforge info",
-        description="Model presets with parameter counts and training memory (weights + gradients + "
-        "AdamW's two moments, all in fp32 or all in bf16; activations not included), or the same for "
-        "one preset or a gptforge checkpoint directory.",
-    )
-    p.add_argument("target", nargs="?", help="a preset name or a checkpoint directory (default: all presets)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    args = p.parse_args(argv)
+    from gptforge.pipeline.config import cli_config
+
+    args = cli_config("info", argv)
+    if args is None:
+        return 0
 
     from gptforge.model.config import PRESETS, GPTConfig
 
@@ -150,27 +145,15 @@ def info(argv: list[str]) -> int:
 # -- generate ----------------------------------------------------------------------------------------
 def generate(argv: list[str]) -> int:
     """Continue one or more prompts with a gptforge checkpoint; prints the continuation of each."""
-    p = argparse.ArgumentParser(
-        prog="gptforge generate",
-        description="Generate text from a gptforge checkpoint directory. Greedy unless --temperature > 0.",
-    )
-    p.add_argument("checkpoint", help="gptforge checkpoint directory (config.json + model.safetensors)")
-    p.add_argument(
-        "prompts", nargs="+", metavar="PROMPT", help="prompt text; several prompts run as one batch"
-    )
-    p.add_argument("--max-new-tokens", type=int, default=50)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible output)")
-    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    p.add_argument("--no-eos", action="store_true", help="do not stop at <|endoftext|>")
-    p.add_argument("--no-cache", action="store_true", help="recompute the whole window each step (slow)")
-    p.add_argument("--batch-size", type=int, default=None, help="prompts per batch (default: all at once)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--echo", action="store_true", help="print the prompt before its continuation")
-    p.add_argument("--json", action="store_true", help="one JSON line per prompt: prompt, completion")
-    args = p.parse_args(argv)
+    from gptforge.pipeline.config import cli_config
+
+    args = cli_config("generate", argv)
+    if args is None:
+        return 0
+    if not args.checkpoint or not args.prompts:
+        raise ConfigError(
+            "give a checkpoint directory and at least one prompt (see `gptforge generate --help`)"
+        )
 
     import torch
 
@@ -211,9 +194,9 @@ def generate(argv: list[str]) -> int:
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
-        eos_token_id=None if args.no_eos else model.cfg.eos_token_id,
+        eos_token_id=model.cfg.eos_token_id if args.eos else None,
         stop_strings=args.stop,
-        use_cache=not args.no_cache,
+        use_cache=args.cache,
         generator=generator,
         batch_size=args.batch_size,
     )

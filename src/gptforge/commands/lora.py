@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -12,25 +11,6 @@ from gptforge.errors import ConfigError
 
 # Files a merged checkpoint writes itself; other JSON metadata of the adapter dir is carried over.
 _OWN_FILES = {"config.json", "adapter.json", "tokenizer.json", "labels.json"}
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="gptforge merge",
-        description="Fold a LoRA adapter checkpoint into its base model (a plain gptforge checkpoint and/or a "
-        "Hugging Face dir), or export the adapter unmerged as a PEFT adapter.",
-    )
-    p.add_argument("adapter", help="adapter checkpoint dir (adapter.json + adapter.safetensors)")
-    p.add_argument("--base", help="base model dir (default: the base recorded in the adapter)")
-    p.add_argument("--out", help="write the merged model as a gptforge checkpoint dir")
-    p.add_argument("--hf-out", help="write the merged model as a Hugging Face dir (verified)")
-    p.add_argument("--peft-out", help="write the unmerged adapter as a PEFT adapter dir")
-    p.add_argument(
-        "--peft-base",
-        help="base_model_name_or_path recorded in the PEFT adapter: a transformers GPT-2 dir or hub id "
-        "(default: --base when it is a Hugging Face dir); a local dir is used to verify the logits",
-    )
-    return p
 
 
 def _is_hf_dir(path: str | None) -> bool:
@@ -56,8 +36,13 @@ def merge(argv: list[str]) -> int:
     from gptforge.export.peft import export_peft, verify_peft
     from gptforge.model.checkpoint import save_checkpoint
     from gptforge.model.lora import describe_trainable, load_adapter, lora_config, merge_lora
+    from gptforge.pipeline.config import cli_config
 
-    args = _parser().parse_args(argv)
+    args = cli_config("merge", argv)
+    if args is None:
+        return 0
+    if not args.adapter:
+        raise ConfigError("give the adapter checkpoint dir (see `gptforge merge --help`)")
     if not (args.out or args.hf_out or args.peft_out):
         raise ConfigError("nothing to write: give --out DIR, --hf-out DIR and/or --peft-out DIR")
     model = load_adapter(args.adapter, base=args.base)

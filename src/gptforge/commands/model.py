@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 from gptforge.errors import CheckpointError, ConfigError
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are GPTForgeErrors, so the CLI prints one line and exits 2."""
-
-    def error(self, message: str):
-        raise ConfigError(f"{message} (see `{self.prog} --help`)")
 
 
 def read_metrics(ckpt: str | Path) -> dict | None:
@@ -40,7 +32,9 @@ def read_metrics(ckpt: str | Path) -> dict | None:
     return None
 
 
-def export_checkpoint(ckpt: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+def export_checkpoint(
+    ckpt: str | Path, out: str | Path, overwrite: bool = False, verify: bool = True
+) -> Path:
     """Export a gptforge checkpoint dir, carrying its prompt style and metrics into the HF dir."""
     from gptforge.export.hf import export
     from gptforge.model.checkpoint import read_metadata
@@ -53,6 +47,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, overwrite: bool = False
         metrics=read_metrics(ckpt),
         prompt_style=read_metadata(ckpt, "prompt_style.json"),
         overwrite=overwrite,
+        verify=verify,
     )
 
 
@@ -62,17 +57,15 @@ def _report(model, out: Path, what: str) -> None:
 
 
 def convert(argv: list[str]) -> int:
-    p = _Parser(
-        prog="gptforge convert",
-        description="Convert a Hugging Face GPT-2 (hub id or local dir) into a gptforge checkpoint, or a "
-        "gptforge checkpoint into a verified Hugging Face dir (same as `gptforge export`).",
-    )
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--from-hf", metavar="SOURCE", help="hub id (e.g. gpt2) or local Hugging Face model dir")
-    src.add_argument("--to-hf", metavar="CKPT", help="gptforge checkpoint dir to export")
-    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
-    args = p.parse_args(argv)
+    from gptforge.pipeline.config import cli_config
+
+    args = cli_config("convert", argv)
+    if args is None:
+        return 0
+    if bool(args.from_hf) == bool(args.to_hf):
+        raise ConfigError("give one of --from-hf SOURCE or --to-hf CKPT (see `gptforge convert --help`)")
+    if not args.out:
+        raise ConfigError("--out DIR is required (see `gptforge convert --help`)")
     if args.to_hf:
         out = export_checkpoint(args.to_hf, args.out, overwrite=args.overwrite)
         print(f"exported {args.to_hf} -> {out} (verified with transformers)")
@@ -93,15 +86,14 @@ def convert(argv: list[str]) -> int:
 
 
 def export(argv: list[str]) -> int:
-    p = _Parser(
-        prog="gptforge export",
-        description="Export a gptforge checkpoint as a Hugging Face dir (config, safetensors, tokenizer, "
-        "model card), verified by reloading it in transformers and comparing logits.",
-    )
-    p.add_argument("ckpt", metavar="CKPT", help="gptforge checkpoint dir")
-    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
-    args = p.parse_args(argv)
-    out = export_checkpoint(args.ckpt, args.out, overwrite=args.overwrite)
-    print(f"exported {args.ckpt} -> {out} (verified with transformers)")
+    from gptforge.pipeline.config import cli_config
+
+    args = cli_config("export", argv)
+    if args is None:
+        return 0
+    if not args.checkpoint or not args.out:
+        raise ConfigError("give a checkpoint dir and --out DIR (see `gptforge export --help`)")
+    out = export_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite, verify=args.verify)
+    verified = "verified with transformers" if args.verify else "not verified: --no-verify"
+    print(f"exported {args.checkpoint} -> {out} ({verified})")
     return 0

@@ -6,11 +6,19 @@ import argparse
 import os
 
 
+def _error(message: str):
+    """argparse's usage errors as one line, exit 2 (the CLI's ConfigError path)."""
+    from gptforge.errors import ConfigError
+
+    raise ConfigError(f"{message} (see `gptforge run --help`)")
+
+
 def run(argv: list[str]) -> int:
     from gptforge.pipeline.runner import STAGES
 
     parser = argparse.ArgumentParser(
         prog="gptforge run",
+        allow_abbrev=False,
         description="Run a pipeline's stages (pretrain -> classify -> instruct -> evaluate -> export). "
         "A re-run skips finished stages whose config and inputs are unchanged and resumes interrupted ones.",
     )
@@ -53,6 +61,7 @@ def run(argv: list[str]) -> int:
     parser.add_argument(
         "--list-stages", action="store_true", help="print the pipeline's stages, one a line, and exit"
     )
+    parser.error = _error  # type: ignore[method-assign]
     args = parser.parse_args(argv)
 
     from gptforge.pipeline.runner import load_pipeline, print_summary, run_pipeline, stage_config
@@ -64,14 +73,13 @@ def run(argv: list[str]) -> int:
         print("\n".join(pipe.stages))
         return 0
     if args.print_config:
-        import dataclasses
-
         import yaml
+
+        from gptforge.pipeline.runner import stage_record
 
         for stage in pipe.stages:
             cfg = stage_config(pipe, stage, check_only=True)
-            body = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg
-            print(yaml.safe_dump({stage: body}, sort_keys=False), end="")
+            print(yaml.safe_dump({stage: stage_record(stage, cfg)}, sort_keys=False), end="")
         return 0
     if args.explain:
         run_pipeline(pipe, from_stage=args.from_stage, only=args.only, force=args.force, explain=True)

@@ -16,14 +16,10 @@ FINETUNE_TASKS = {
 
 
 def _run(task: str, argv: list[str], prog: str) -> int:
-    from gptforge.pipeline.config import build_parser, dump_config, parse_config
+    from gptforge.pipeline.config import cli_config
 
-    if any(a in ("-h", "--help") for a in argv):
-        build_parser(task, prog=prog).print_help()
-        return 0
-    cfg, show = parse_config(task, argv)
-    if show:
-        print(dump_config(cfg), end="")
+    cfg = cli_config(task if task == "pretrain" else f"finetune {task}", argv)
+    if cfg is None:  # --help or --print-config answered
         return 0
     from gptforge.pipeline.train import train
 

@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass, field
 
 from gptforge.errors import ConfigError
+from gptforge.schema import from_dict
 
 ACTIVATIONS = ("gelu_new", "gelu")
 
@@ -77,12 +78,9 @@ class GPTConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> GPTConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown model config keys {unknown}; known keys are {sorted(known)}")
-        return cls(**d)
+    def from_dict(cls, d: dict, where: str = "") -> GPTConfig:
+        """A config.json mapping, keys and types checked (`where`, e.g. "ckpt/config.json: ", prefixes errors)."""
+        return from_dict(cls, d, where=where)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> GPTConfig:

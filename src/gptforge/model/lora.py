@@ -36,6 +36,7 @@ from gptforge.model.checkpoint import (
 from gptforge.model.config import GPTConfig
 from gptforge.model.gpt import GPT, Linear
 from gptforge.model.hf import from_hf
+from gptforge.schema import from_dict
 
 # Our target names (module paths inside a block, plus the head) and their transformers GPT-2 names.
 BLOCK_TARGETS: dict[str, str] = {
@@ -135,12 +136,9 @@ class LoRAConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> LoRAConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown lora config keys {unknown}; known keys are {sorted(known)}")
-        return cls(**d)
+    def from_dict(cls, d: dict, where: str = "") -> LoRAConfig:
+        """An adapter.json `lora` mapping, keys and types checked (nested under `lora.` in messages)."""
+        return from_dict(cls, d, where=where, prefix="lora.")
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> LoRAConfig:

@@ -1,16 +1,23 @@
-"""Typed training configs: dataclasses filled from YAML files and command-line overrides (jsonargparse).
+"""Typed configs for every verb and pipeline stage, filled from YAML files and command-line flags.
 
-One config per task (`PretrainConfig`, `ClassifyConfig`, `InstructConfig`), each with `model`, `data`
-and `train` sections. The task defaults follow the reference recipes (rasbt/LLMs-from-scratch ch05-ch07),
-so `gptforge finetune classify` with no options reproduces the book's run. `parse_config` turns any
-parse problem (unknown key, wrong type, missing file) into one `ConfigError` line with a suggestion.
+One config per task (`PretrainConfig`, `ClassifyConfig`, `InstructConfig`, each with `model`, `data` and
+`train` sections) and one per verb (`EvaluateConfig`, `ExportConfig`, `GenerateConfig`, ...). The task
+defaults follow the reference recipes (rasbt/LLMs-from-scratch ch05-ch07), so `gptforge finetune classify`
+with no options reproduces the book's run. A pipeline stage section is the verb's config less what the
+runner fills (`RUNNER_FILLED`), plus `models`.
+
+Every source (a `--config` file, flags, a stage section, `--set`, `quick:`) becomes a mapping that
+`config_from_mapping` validates through `gptforge.schema.from_dict`: one error path, one line, exact keys.
+Field docstrings are the `--help` text.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +25,20 @@ from typing import Any
 from gptforge.errors import ConfigError
 from gptforge.model.lora import LoRAConfig
 from gptforge.pipeline.judge import JudgeConfig
+from gptforge.schema import (
+    _dataclass_in,
+    field_docs,
+    from_dict,
+    hints,
+    known_keys,
+    leaf_keys,
+    load_yaml_mapping,
+    merge,
+    set_dotted,
+    suggest,
+    type_at,
+    type_name,
+)
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -304,10 +325,211 @@ class EvaluateConfig:
     """An LLM judge for instruction responses (null: no judge)."""
 
 
+@dataclass
+class ClassifyTextsConfig:
+    """`gptforge classify`: label texts with a classifier checkpoint (label, probability and text per line)."""
+
+    checkpoint: str | None = None
+    """gptforge classifier checkpoint directory."""
+    texts: list[str] = field(default_factory=list, metadata={"split": False})
+    """Texts to classify (positional arguments after the checkpoint)."""
+    file: str | None = None
+    """One text per line, or a .csv/.tsv/.json/.jsonl file read by `column`."""
+    column: str | None = None
+    """The text column of `file` (null: text)."""
+    json: bool = False
+    """Print one JSON object per text, with every class's probability."""
+    out: str | None = None
+    """Also write the results as JSONL to this file."""
+    max_length: int | None = None
+    """Truncate texts to this many tokens (null: the model's context)."""
+    batch_size: int = 16
+    """Texts per forward pass."""
+    device: str | None = None
+    """cpu, cuda, cuda:1, mps (null: the best available)."""
+
+
+@dataclass
+class ExportConfig:
+    """`gptforge export`: a gptforge checkpoint as a Hugging Face dir (config, safetensors, tokenizer, card).
+
+    Verified by reloading it in transformers and comparing logits. The pipeline's export stage shares it.
+    """
+
+    checkpoint: str | None = None
+    """gptforge checkpoint directory to export."""
+    out: str | None = None
+    """Output directory."""
+    overwrite: bool = False
+    """Replace a non-empty output directory."""
+    verify: bool = True
+    """Reload the export in transformers and compare logits with the gptforge model."""
+
+
+@dataclass
+class ConvertConfig:
+    """`gptforge convert`: a Hugging Face GPT-2 (hub id or dir) into a gptforge checkpoint, or back.
+
+    `to_hf` does what `gptforge export` does.
+    """
+
+    from_hf: str | None = None
+    """Hub id (e.g. gpt2) or local Hugging Face model dir to convert into a gptforge checkpoint."""
+    to_hf: str | None = None
+    """gptforge checkpoint dir to export as a Hugging Face dir."""
+    out: str | None = None
+    """Output directory."""
+    overwrite: bool = False
+    """Replace a non-empty output directory."""
+
+
+@dataclass
+class GenerateConfig:
+    """`gptforge generate`: continue prompts with a gptforge checkpoint. Greedy unless temperature > 0."""
+
+    checkpoint: str | None = None
+    """gptforge checkpoint directory (config.json + model.safetensors)."""
+    prompts: list[str] = field(default_factory=list, metadata={"split": False})
+    """Prompt texts (positional arguments after the checkpoint); several prompts run as one batch."""
+    max_new_tokens: int = 50
+    """Tokens generated per prompt."""
+    temperature: float = 0.0
+    """Sampling temperature (0: greedy)."""
+    top_k: int | None = None
+    """Sample among the k most likely tokens only."""
+    top_p: float | None = None
+    """Sample from the smallest set of tokens whose probability reaches p."""
+    seed: int | None = None
+    """Seed for sampling (reproducible output)."""
+    stop: list[str] | None = field(default=None, metadata={"split": False})
+    """Stop strings (repeat --stop for several)."""
+    eos: bool = True
+    """Stop at <|endoftext|> (--no-eos: keep going)."""
+    cache: bool = True
+    """Use the KV cache (--no-cache: recompute the whole window each step; slow)."""
+    batch_size: int | None = None
+    """Prompts per batch (null: all at once)."""
+    device: str | None = None
+    """cpu, cuda, cuda:1, ... (null: cuda if available)."""
+    echo: bool = False
+    """Print the prompt before its continuation."""
+    json: bool = False
+    """One JSON line per prompt: prompt, completion."""
+
+
+@dataclass
+class MergeConfig:
+    """`gptforge merge`: fold a LoRA adapter into its base, or export it unmerged as a PEFT adapter."""
+
+    adapter: str | None = None
+    """Adapter checkpoint dir (adapter.json + adapter.safetensors)."""
+    base: str | None = None
+    """Base model dir (null: the base recorded in the adapter)."""
+    out: str | None = None
+    """Write the merged model as a gptforge checkpoint dir."""
+    hf_out: str | None = None
+    """Write the merged model as a Hugging Face dir (verified)."""
+    peft_out: str | None = None
+    """Write the unmerged adapter as a PEFT adapter dir."""
+    peft_base: str | None = None
+    """base_model_name_or_path recorded in the PEFT adapter: a transformers GPT-2 dir or hub id (null: `base`
+    when it is a Hugging Face dir); a local dir is used to verify the logits."""
+
+
+@dataclass
+class InfoConfig:
+    """`gptforge info`: presets, or one preset or checkpoint dir, with parameter counts and training memory.
+
+    Memory is weights + gradients + AdamW's two moments, all in fp32 or all in bf16; activations come on top.
+    """
+
+    target: str | None = None
+    """A preset name or a checkpoint directory (null: every preset)."""
+    json: bool = False
+    """Print JSON instead of a table."""
+
+
+# -- the pipeline's stages: a verb's config, less what the runner fills, plus `models` --------------------
+
+
+@dataclass
+class EvaluateStageConfig(EvaluateConfig):
+    """The pipeline's evaluate stage: `gptforge evaluate` for each trained model of the pipeline."""
+
+    models: list[str] | None = None
+    """Training stages to evaluate (null: every finetuned stage, else every trained one)."""
+
+
+@dataclass
+class ExportStageConfig(ExportConfig):
+    """The pipeline's export stage: `gptforge export` for each trained model of the pipeline."""
+
+    models: list[str] | None = None
+    """Training stages to export (null: every finetuned stage, else every trained one)."""
+
+
 TASK_CONFIGS: dict[str, type] = {
     "pretrain": PretrainConfig,
     "classify": ClassifyConfig,
     "instruct": InstructConfig,
+}
+
+STAGE_CONFIGS: dict[str, type] = {
+    **TASK_CONFIGS,
+    "evaluate": EvaluateStageConfig,
+    "export": ExportStageConfig,
+}
+
+# Keys of a stage's config that the runner sets itself; a pipeline file may not set them.
+RUNNER_FILLED: dict[str, tuple[str, ...]] = {
+    "pretrain": ("train.out_dir",),
+    "classify": ("train.out_dir",),
+    "instruct": ("train.out_dir",),
+    # per trained model: its checkpoint, its task and its output dir; a stage scores models, not files
+    "evaluate": ("checkpoint", "out", "responses", "response_key", "task"),
+    "export": ("checkpoint", "out", "overwrite"),
+}
+
+
+def stage_keys(stage: str) -> list[str]:
+    """The dotted keys a pipeline stage section accepts (the verb's keys less RUNNER_FILLED, plus models)."""
+    filled = RUNNER_FILLED[stage]
+    return [k for k in known_keys(STAGE_CONFIGS[stage]) if k not in filled]
+
+
+@dataclass(frozen=True)
+class Cli:
+    """How a verb's command line maps onto its config: positional fields and short flag spellings."""
+
+    cls: type
+    prog: str
+    positionals: tuple[str, ...] = ()
+    """Fields filled by positional arguments in order; a list field takes the rest."""
+    aliases: dict[str, str] = field(default_factory=dict)
+    """Flag (dashes as underscores) -> dotted key, for the spellings the verb had before its config."""
+
+
+_EVAL_DATA = ("text_column", "label_column", "max_length", "prompt_style", "limit")
+VERBS: dict[str, Cli] = {
+    "pretrain": Cli(PretrainConfig, "gptforge pretrain", aliases={"resume": "train.resume"}),
+    "finetune classify": Cli(
+        ClassifyConfig, "gptforge finetune classify", aliases={"resume": "train.resume"}
+    ),
+    "finetune instruct": Cli(
+        InstructConfig, "gptforge finetune instruct", aliases={"resume": "train.resume"}
+    ),
+    "evaluate": Cli(
+        EvaluateConfig,
+        "gptforge evaluate",
+        ("checkpoint",),
+        {"data": "data.dataset", "test_data": "data.test_sources", **{k: f"data.{k}" for k in _EVAL_DATA}},
+    ),
+    "classify": Cli(ClassifyTextsConfig, "gptforge classify", ("checkpoint", "texts")),
+    "export": Cli(ExportConfig, "gptforge export", ("checkpoint",)),
+    "convert": Cli(ConvertConfig, "gptforge convert"),
+    "generate": Cli(GenerateConfig, "gptforge generate", ("checkpoint", "prompts")),
+    "merge": Cli(MergeConfig, "gptforge merge", ("adapter",)),
+    "info": Cli(InfoConfig, "gptforge info", ("target",)),
 }
 
 
@@ -328,10 +550,45 @@ def parse_trainable(policy: str) -> tuple[str, int]:
     raise ConfigError(f"trainable={policy!r} is not valid; use {TRAIN_POLICIES} (e.g. last_blocks:1)")
 
 
+def to_dict(cfg: Any) -> dict:
+    """A plain JSON-able dict of a config (what run.json records)."""
+    return dataclasses.asdict(cfg)
+
+
+def check_not_run_dir(name: str, value: str | None) -> None:
+    """A run dir (`final/` or `checkpoints/` inside, no config.json) given where a checkpoint is expected."""
+    if not value or value in ("scratch",):
+        return
+    p = Path(value)
+    if p.is_dir() and not (p / "config.json").is_file():
+        if (p / "final").is_dir() or (p / "checkpoints").is_dir():
+            raise ConfigError(
+                f"{name}={value}: a run directory, not a checkpoint; use its final checkpoint: {p / 'final'}"
+            )
+
+
 def validate(cfg: Any) -> Any:
     """Check cross-field rules the types cannot express; returns `cfg`."""
+    if isinstance(cfg, EvaluateConfig):
+        for name in ("batch_size", "max_new_tokens"):
+            if getattr(cfg, name) < 1:
+                raise ConfigError(f"{name}={getattr(cfg, name)} must be >= 1")
+        if cfg.data.limit is not None and cfg.data.limit < 1:
+            raise ConfigError(f"data.limit={cfg.data.limit} must be >= 1")
+        if cfg.task is not None:
+            _choice("task", cfg.task, tuple(TASK_CONFIGS))
+        check_not_run_dir("checkpoint", cfg.checkpoint)
+        return cfg
+    if isinstance(cfg, (ClassifyTextsConfig, GenerateConfig, ExportConfig)):
+        check_not_run_dir("checkpoint", cfg.checkpoint)
+        if isinstance(getattr(cfg, "batch_size", None), int) and cfg.batch_size < 1:
+            raise ConfigError(f"batch_size={cfg.batch_size} must be >= 1")
+        return cfg
+    if not isinstance(cfg, tuple(TASK_CONFIGS.values())):
+        return cfg
     cfg.train.validate()
     m = cfg.model
+    check_not_run_dir("model.init", m.init)
     for name in ("context_length", "emb_dim", "n_layers", "n_heads"):
         v = getattr(m, name)
         if v is not None and v < 1:
@@ -357,145 +614,259 @@ def validate(cfg: Any) -> Any:
     return cfg
 
 
-def to_dict(cfg: Any) -> dict:
-    """A plain JSON-able dict of a config (what run.json records)."""
-    return dataclasses.asdict(cfg)
+def config_from_mapping(
+    cls: type,
+    mapping: dict,
+    *,
+    where: str | Callable[[str], str] | None = None,
+    exclude: tuple[str, ...] = (),
+) -> Any:
+    """The one way a mapping (YAML file, stage section, --set/quick overrides, flags) becomes a config."""
+    cfg = from_dict(cls, mapping, where=where, exclude=exclude)
+    try:
+        return validate(cfg)
+    except ConfigError as e:  # cross-field rules name no source of their own: the config's is used
+        prefix = where("") if callable(where) else (where or "")
+        raise ConfigError(f"{prefix}{e}") from None
 
 
-# -- parsing ------------------------------------------------------------------------------------------
+# -- the command line -------------------------------------------------------------------------------------
 
 
-def build_parser(task: str, prog: str | None = None):
-    """The jsonargparse parser of a task: `--config FILE.yaml`, then `--section.field value` overrides."""
-    from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+def _origin_lookup(origins: dict[str, str]) -> Callable[[str], str]:
+    def where(key: str) -> str:
+        k = key.split("[", 1)[0]
+        while k:
+            if k in origins:
+                return origins[k]
+            k = k.rpartition(".")[0]
+        return ""
 
-    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # field docstrings become --help text
-    cls = TASK_CONFIGS[task]
-    parser = ArgumentParser(
-        prog=prog or f"gptforge {task}",
-        description=(cls.__doc__ or "").strip(),
-        exit_on_error=False,
-        default_env=False,
-    )
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with model/data/train sections")
-    parser.add_argument(
-        "--print-config", action="store_true", help="print the resolved config as YAML and exit"
-    )
-    task_defaults = cls()  # e.g. classify starts from model.init=gpt2, not ModelConfig's own scratch
-    for f in dataclasses.fields(cls):
-        sub = _field_type(cls, f.name)
-        if dataclasses.is_dataclass(sub):
-            parser.add_class_arguments(sub, f.name, default=None)
-            own = dataclasses.asdict(getattr(task_defaults, f.name))
-            parser.set_defaults({f"{f.name}.{k}": v for k, v in own.items()})
+    return where
+
+
+def parse_argv(verb: str, argv: list[str]) -> tuple[Any, bool]:
+    """A verb's argv -> (config, print_config_requested). `--config FILE` and flags apply in the order given.
+
+    Flags are exact dotted keys (`--train.lr 1e-4`, `--judge.url=...`; dashes may stand for underscores);
+    a bool key alone means true and `--no-KEY` false; an optional section alone (`--judge`) turns it on
+    with its defaults; repeating a list key adds items.
+    """
+    spec = VERBS[verb]
+    cls = spec.cls
+    data: dict = {}
+    origins: dict[str, str] = {}
+    positionals: list[str] = []
+    show = False
+    repeated: set[str] = set()
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if arg == "--":
+            positionals += argv[i:]
+            break
+        if not arg.startswith("-") or arg == "-" or _is_number(arg):
+            positionals.append(arg)
+            continue
+        if not arg.startswith("--"):
+            raise ConfigError(f"unknown option {arg!r}; see `{spec.prog} --help`")
+        name, eq, text = arg[2:].partition("=")
+        key = name.replace("-", "_")
+        if key == "print_config":
+            show = _bool_text(text, "--print-config") if eq else True
+            continue
+        if key == "config":
+            if not eq:
+                if i >= len(argv):
+                    raise ConfigError("--config needs a YAML file")
+                text, i = argv[i], i + 1
+            if not Path(text).is_file():
+                raise ConfigError(f"--config {text}: file not found")
+            loaded = load_yaml_mapping(text)
+            merge(data, loaded)
+            origins.update({k: f"{text}: " for k in leaf_keys(loaded)})
+            continue
+        key = spec.aliases.get(key, key)
+        tp = type_at(cls, key)
+        value: Any
+        if tp is None and key.startswith("no_") and _is_bool(type_at(cls, key[3:])) and not eq:
+            key, tp, value = key[3:], type_at(cls, key[3:]), False
+        elif tp is None:
+            raise ConfigError(f"unknown config key {key!r}; {suggest(key, known_keys(cls))}")
+        elif eq:
+            value = text
+        elif _is_bool(tp):
+            nxt = argv[i].lower() if i < len(argv) else ""
+            value = True
+            if nxt in ("true", "false"):
+                value, i = nxt == "true", i + 1
+        elif _dataclass_optional(tp):  # `--judge`: on, with defaults (sub-keys still apply)
+            value = {}
+            if key in _flat(data):
+                continue
+        elif _dataclass_in(tp) is not None:
+            raise ConfigError(
+                f"--{name} is a section; give its keys, e.g. --{name}.{known_keys(_dataclass_in(tp))[0]}"
+            )
         else:
-            parser.add_argument(f"--{f.name}", type=sub, default=f.default, help=_attr_doc(cls, f.name))
-    return parser
+            if i >= len(argv):
+                raise ConfigError(f"--{name} needs a value")
+            value, i = argv[i], i + 1
+        if key in repeated and _is_list(tp):
+            prev = _get_dotted(data, key)
+            value = [*(prev if isinstance(prev, list) else [prev]), value]
+        repeated.add(key)
+        _set(data, key, value)
+        origins[key] = ""
+    _assign_positionals(spec, positionals, data, origins)
+    cfg = config_from_mapping(cls, data, where=_origin_lookup(origins))
+    return cfg, show
 
 
-def _field_type(cls: type, name: str):
+def _assign_positionals(spec: Cli, positionals: list[str], data: dict, origins: dict) -> None:
+    names = list(spec.positionals)
+    for n, name in enumerate(names):
+        if not positionals:
+            return
+        if _is_list(type_at(spec.cls, name)) and n == len(names) - 1:
+            data[name], positionals = list(positionals), []
+        else:
+            data[name] = positionals.pop(0)
+        origins[name] = ""
+    if positionals:
+        takes = " ".join(n.upper() for n in names) or "no positional arguments"
+        raise ConfigError(f"unexpected argument {positionals[0]!r}; `{spec.prog}` takes {takes}")
+
+
+def _set(data: dict, key: str, value: Any) -> None:
+    try:
+        set_dotted(data, key, value)
+    except ConfigError:  # a section given a plain value earlier (e.g. `judge: null` in a file)
+        parent = key.rpartition(".")[0]
+        set_dotted(data, parent, {})
+        set_dotted(data, key, value)
+
+
+def _get_dotted(data: dict, key: str) -> Any:
+    for part in key.split("."):
+        data = data[part]
+    return data
+
+
+def _flat(data: dict) -> set[str]:
+    out = set()
+    for k in leaf_keys(data):
+        parts = k.split(".")
+        out.update(".".join(parts[: n + 1]) for n in range(len(parts)))
+    return out
+
+
+def _is_bool(tp: Any) -> bool:
     import typing
 
-    return typing.get_type_hints(cls)[name]
+    return tp is bool or (tp is not None and set(typing.get_args(tp)) == {bool, type(None)})
 
 
-def _attr_doc(cls: type, name: str) -> str | None:
-    # Field docstrings are parsed by jsonargparse for the nested dataclasses; top-level ones are few.
-    return {"trainable": f"what is trained: {TRAIN_POLICIES}"}.get(name)
+def _is_list(tp: Any) -> bool:
+    import typing
+
+    if tp is None:
+        return False
+    return typing.get_origin(tp) is list or any(typing.get_origin(a) is list for a in typing.get_args(tp))
 
 
-def _known_keys(cls: type, prefix: str = "") -> list[str]:
-    keys = []
-    for f in dataclasses.fields(cls):
-        t = _field_type(cls, f.name)
-        if dataclasses.is_dataclass(t):
-            keys += _known_keys(t, f"{prefix}{f.name}.")
-        else:
-            keys.append(f"{prefix}{f.name}")
-    return keys
+def _dataclass_optional(tp: Any) -> bool:
+    import typing
+
+    return _dataclass_in(tp) is not None and type(None) in typing.get_args(tp)
 
 
-def _friendly(task: str, err: Exception, argv: list[str] | None = None) -> ConfigError:
-    """One line naming the bad key or value (and the YAML file it came from), with the closest known key."""
-    msg = " ".join(str(err).split())
-    argv = argv or []
-    files = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
-    files += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
 
-    def where(key: str) -> str:
-        # a key that is not on the command line came from a --config file
-        on_cli = any(a.lstrip("-").split("=", 1)[0].replace("-", "_") == key for a in argv)
-        return f"{', '.join(files)}: " if files and not on_cli else ""
 
-    known = _known_keys(TASK_CONFIGS[task])
-    bad = None
-    m = re.search(r"unrecognized arguments: (--?[\w.\-]+)", msg)
-    if m:
-        bad = m.group(1).lstrip("-").replace("-", "_")
-    m = m or re.search(r"Group '([\w.]+)' does not accept (?:option|nested key) '([\w.\-]+)'", msg)
-    if m and bad is None:
-        bad = f"{m.group(1)}.{m.group(2)}"
-    m2 = re.search(r"[Kk]ey ['\"]([\w.\-]+)['\"] is not expected", msg)
-    if m2 and bad is None:
-        bad = m2.group(1)
-    if bad is not None:
-        close = difflib.get_close_matches(bad, known, n=1, cutoff=0.5)
-        if not close:  # a misspelt section: compare the last part only
-            tail = bad.rsplit(".", 1)[-1]
-            close = [k for k in known if k.rsplit(".", 1)[-1] == tail][:1]
-        hint = f"did you mean {close[0]!r}?" if close else "see --help for the known keys"
-        return ConfigError(f"{where(bad)}unknown config key {bad!r}; {hint}")
-    m = re.search(r'[Pp]arser key "([\w.]+)": (.*)', msg)
-    if m:
-        detail = re.sub(r"<class '(\w+)'>", r"\1", m.group(2))
-        return ConfigError(f"{where(m.group(1))}{m.group(1)}: {detail}")
-    return ConfigError(msg)
+def _bool_text(text: str, flag: str) -> bool:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    raise ConfigError(f"{flag}={text!r}: expected true or false")
+
+
+def format_help(verb: str) -> str:
+    """`--help` of a verb: every key of its config with type, default and field docstring."""
+    spec = VERBS[verb]
+    cls = spec.cls
+    pos = " ".join(f"[{n.upper()}{' ...' if _is_list(type_at(cls, n)) else ''}]" for n in spec.positionals)
+    lines = [
+        f"usage: {spec.prog} {pos + ' ' if pos else ''}[--config FILE.yaml] [--print-config] [--KEY VALUE ...]",
+        "",
+        inspect.cleandoc(cls.__doc__ or ""),
+        "",
+        "options:",
+        "  -h, --help            show this help and exit",
+        "  --config FILE.yaml    read keys from a YAML file (later flags override it; repeatable)",
+        "  --print-config        print the resolved config as YAML (what --config accepts) and exit",
+    ]
+    if spec.positionals:
+        lines.append(f"  positional arguments fill: {', '.join(spec.positionals)}")
+    lines += _help_fields(cls, "", None)
+    inverse: dict[str, list[str]] = {}
+    for flag, key in spec.aliases.items():
+        inverse.setdefault(key, []).append("--" + flag.replace("_", "-"))
+    if inverse:
+        lines += ["", "short forms:"] + [f"  {', '.join(v)} = --{k}" for k, v in inverse.items()]
+    lines += [
+        "",
+        "Keys are exact; dashes may stand for underscores; a bool key alone means true, --no-KEY false.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _help_fields(cls: type, prefix: str, obj: Any) -> list[str]:
+    """Help lines of a config's fields; defaults come from `obj` (the parent's default: a task's own)."""
+    docs = field_docs(cls)
+    if obj is None:
+        try:
+            obj = cls()
+        except (TypeError, ConfigError):
+            obj = None
+    defaults = {f.name: getattr(obj, f.name) for f in dataclasses.fields(cls) if f.init} if obj else {}
+    out = []
+    sections = []
+    for name, tp in hints(cls).items():
+        sub = _dataclass_in(tp)
+        if sub is not None:
+            sections.append((name, sub, docs.get(name) or (sub.__doc__ or "").strip().splitlines()[0]))
+            continue
+        default = defaults.get(name)
+        shown = "null" if default is None else str(default).lower() if isinstance(default, bool) else default
+        out.append(f"  --{prefix}{name}  ({type_name(tp)}; default: {shown})")
+        if docs.get(name):
+            out.append(f"      {docs[name]}")
+    for name, sub, doc in sections:
+        out += ["", f"{prefix}{name}: {doc}"]
+        if _dataclass_optional(hints(cls)[name]):
+            out.append(f"  --{prefix}{name}  turn it on with its defaults (null: off)")
+        sub_obj = defaults.get(name)
+        out += _help_fields(sub, f"{prefix}{name}.", sub_obj if isinstance(sub_obj, sub) else None)
+    return out
 
 
 def parse_config(task: str, argv: list[str]) -> tuple[Any, bool]:
     """Parse `argv` into the task's config dataclass; returns (config, print_config_requested)."""
-    import argparse
-    import warnings
-
-    from jsonargparse import Namespace
-
-    parser = build_parser(task)
-    # `--resume auto|PATH` is short for `--train.resume auto|PATH`
-    argv = [
-        "--train.resume" if a == "--resume" else "--train.resume=" + a[9:] if a.startswith("--resume=") else a
-        for a in argv
-    ]
-    for i, a in enumerate(argv):  # a missing --config file gets its path in the message
-        if a == "--config" and i + 1 < len(argv) and not Path(argv[i + 1]).is_file():
-            raise ConfigError(f"--config {argv[i + 1]}: file not found")
-        if a.startswith("--config=") and not Path(a.split("=", 1)[1]).is_file():
-            raise ConfigError(f"--config {a.split('=', 1)[1]}: file not found")
-    try:
-        ns = parser.parse_args(argv)
-    except (argparse.ArgumentError, ValueError, TypeError) as e:
-        raise _friendly(task, e, argv) from None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            init = (
-                parser.instantiate(ns) if hasattr(parser, "instantiate") else parser.instantiate_classes(ns)
-            )
-    except (ValueError, TypeError) as e:
-        raise ConfigError(" ".join(str(e).split())) from None
-    cls = TASK_CONFIGS[task]
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        v = init[f.name] if isinstance(init, Namespace) else getattr(init, f.name)
-        kwargs[f.name] = v
-    cfg = cls(**kwargs)
-    return validate(cfg), bool(ns.get("print_config"))
+    return parse_argv(task if task == "pretrain" else f"finetune {task}", argv)
 
 
-def dump_config(cfg: Any) -> str:
-    """The resolved config as YAML (what `--print-config` shows and `--config` accepts)."""
+def dump_config(cfg: Any, drop: tuple[str, ...] = ()) -> str:
+    """The resolved config as YAML (what `--print-config` shows and `--config` accepts); `drop` top-level keys."""
     import yaml
 
-    return yaml.safe_dump(_yaml_safe(to_dict(cfg)), sort_keys=False)
+    d = {k: v for k, v in to_dict(cfg).items() if k not in drop}
+    return yaml.safe_dump(_yaml_safe(d), sort_keys=False)
 
 
 def _yaml_safe(obj):
@@ -507,16 +878,31 @@ def _yaml_safe(obj):
 
 
 def load_config(task: str, path: str | Path | None = None, **overrides: Any) -> Any:
-    """Build a task config in Python (the runner's way): optional YAML file, then dotted overrides.
+    """Build a task config in Python: optional YAML file, then dotted overrides, through the one path.
 
     `load_config("classify", "c.yaml", **{"train.lr": 1e-4})`.
     """
-    argv: list[str] = []
+    data: dict = {}
+    origins: dict[str, str] = {}
     if path is not None:
-        argv += ["--config", str(path)]
+        data = load_yaml_mapping(path)
+        origins = {k: f"{path}: " for k in leaf_keys(data)}
     for k, v in overrides.items():
-        import json
+        if type_at(TASK_CONFIGS[task], k) is None:
+            raise ConfigError(f"unknown config key {k!r}; {suggest(k, known_keys(TASK_CONFIGS[task]))}")
+        _set(data, k, v)
+        origins[k] = ""
+    return config_from_mapping(TASK_CONFIGS[task], data, where=_origin_lookup(origins))
 
-        argv += [f"--{k}", v if isinstance(v, str) else json.dumps(v)]
-    cfg, _ = parse_config(task, argv)
+
+def cli_config(verb: str, argv: list[str]) -> Any | None:
+    """A verb's config from its argv; None when `--help` or `--print-config` was answered (printed)."""
+    head = argv[: argv.index("--")] if "--" in argv else argv
+    if any(a in ("-h", "--help") for a in head):
+        print(format_help(verb), end="")
+        return None
+    cfg, show = parse_argv(verb, argv)
+    if show:
+        print(dump_config(cfg), end="")
+        return None
     return cfg

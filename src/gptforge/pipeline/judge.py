@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Protocol
 
 from gptforge.errors import ConfigError
+from gptforge.schema import from_dict
 
 BACKENDS = ("ollama", "openai")
 DEFAULT_URLS = {"ollama": "http://localhost:11434", "openai": "http://localhost:8000/v1"}
@@ -58,19 +59,32 @@ def reference_format_input(entry: dict) -> str:
 class JudgeConfig:
     """Where the judge runs and how it is asked. Only the *name* of the API key variable is stored."""
 
-    backend: str = "ollama"  # "ollama" (native /api/chat) or "openai" (/v1/chat/completions)
+    backend: str = "ollama"
+    """ollama (native /api/chat) or openai (any /v1/chat/completions server)."""
     model: str = "llama3"
-    url: str | None = None  # base URL; None -> DEFAULT_URLS[backend]
-    api_key_env: str | None = None  # e.g. "OPENAI_API_KEY"; sent as a Bearer token
-    template: str = DEFAULT_TEMPLATE  # str.format fields: TEMPLATE_FIELDS
-    concurrency: int = 4  # requests in flight at once
-    timeout: float = 120.0  # seconds per request
-    retries: int = 3  # extra attempts after a timeout, connection error, 429 or 5xx
-    backoff: float = 1.0  # first retry waits this long, then doubles (capped at 60 s)
+    """Judge model name."""
+    url: str | None = None
+    """Server base URL (null: http://localhost:11434 for ollama, http://localhost:8000/v1 for openai)."""
+    api_key_env: str | None = None
+    """Environment variable holding the API key, e.g. OPENAI_API_KEY (sent as a Bearer token, never written)."""
+    template: str = DEFAULT_TEMPLATE
+    """Prompt template with {prompt} {instruction} {input} {output} {model_response}."""
+    concurrency: int = 4
+    """Requests in flight at once."""
+    timeout: float = 120.0
+    """Seconds per request."""
+    retries: int = 3
+    """Extra attempts after a timeout, connection error, 429 or 5xx."""
+    backoff: float = 1.0
+    """First retry delay in seconds, doubling (capped at 60 s)."""
     temperature: float = 0.0
+    """Sampling temperature sent to the server."""
     seed: int = 123
-    num_ctx: int = 2048  # Ollama only: context window
-    max_tokens: int | None = None  # OpenAI only: cap on the reply length
+    """Sampling seed sent to the server."""
+    num_ctx: int = 2048
+    """Ollama only: context window."""
+    max_tokens: int | None = None
+    """OpenAI only: cap on the reply length."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -127,12 +141,9 @@ class JudgeConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> JudgeConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown judge config keys {unknown}; known keys are {sorted(known)}")
-        return cls(**d)
+    def from_dict(cls, d: dict, where: str = "") -> JudgeConfig:
+        """A `judge:` mapping, keys and types checked (nested under `judge.` in messages)."""
+        return from_dict(cls, d, where=where, prefix="judge.")
 
 
 def redact_url(url: str) -> str:

@@ -27,8 +27,6 @@ from gptforge.io import fault_point, fingerprint, tracking_reads, write_json, wr
 STAGES = ("pretrain", "classify", "instruct", "evaluate", "export")
 TRAIN_STAGES = ("pretrain", "classify", "instruct")
 TOP_KEYS = ("name", "runs_dir", "stages", "quick", *STAGES)
-EVALUATE_KEYS = ("models", "batch_size", "max_new_tokens", "splits", "judge", "use_stemmer")
-EXPORT_KEYS = ("models", "verify")
 MANIFEST = "manifest.json"
 
 
@@ -44,6 +42,8 @@ class Pipeline:
     stages: list[str]
     sections: dict[str, dict]
     source: str = "<pipeline>"
+    origins: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Dotted key (`classify.train.epochs`) -> where it was set, when not in the file: `--set` or `quick:`."""
 
     @property
     def root(self) -> Path:
@@ -58,44 +58,51 @@ def _suggest(key: str, known) -> str:
     return f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
 
 
-def _set_dotted(d: dict, dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    for k in keys[:-1]:
-        d = d.setdefault(k, {})
-        if not isinstance(d, dict):
-            raise ConfigError(f"--set {dotted}: {k} is not a section")
-    d[keys[-1]] = value
-
-
 def load_pipeline(
     path: str | os.PathLike, overrides: list[str] | None = None, quick: bool = False, **top: Any
 ) -> Pipeline:
     """Read and check a pipeline YAML; `overrides` are `section.key=value` strings (values parsed as YAML).
 
     `quick` applies the file's `quick:` mapping of dotted overrides first (a short run of the same graph).
+    Every stage section is validated as its config dataclass before anything runs.
     """
     import yaml
+
+    from gptforge.schema import leaf_keys, load_yaml_mapping, set_dotted
 
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: pipeline file not found; see configs/ for examples")
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{p}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{p}: a pipeline file is a mapping with `stages:` and one section per stage")
-    quick_set = raw.pop("quick", None) or {}
-    if not isinstance(quick_set, dict):
+    raw = load_yaml_mapping(p, "pipeline file")
+    quick_set = raw.pop("quick", None)
+    if quick and quick_set is None:
+        raise ConfigError(
+            f"{p}: --quick (or GPTFORGE_QUICK=1) needs a `quick:` section of dotted overrides "
+            "(e.g. classify.train.epochs: 1); this file has none"
+        )
+    if quick_set is not None and not isinstance(quick_set, dict):
         raise ConfigError(f"{p}: `quick:` must map dotted keys to values, e.g. classify.train.epochs: 1")
-    items = [f"{k}={json.dumps(v)}" for k, v in quick_set.items()] if quick else []
-    for item in items + list(overrides or []):
+    items = [(str(k), v, "quick:") for k, v in (quick_set or {}).items()] if quick else []
+    for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: use section.key=value, e.g. classify.train.epochs=3")
         key, value = item.split("=", 1)
-        _set_dotted(raw, key.strip(), yaml.safe_load(value))
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            parsed = value  # not YAML: the text itself (a path, a name)
+        items.append((key.strip(), parsed, "--set"))
+    origins: dict[str, str] = {}
+    for key, value, label in items:
+        if key.split(".", 1)[0] not in TOP_KEYS:
+            top_key = key.split(".", 1)[0]
+            raise ConfigError(f"{p} ({label}): unknown key {top_key!r}; {_suggest(top_key, TOP_KEYS)}")
+        try:
+            set_dotted(raw, key, value)
+        except ConfigError as e:
+            raise ConfigError(f"{p} ({label}): {e}") from None
+        subkeys = leaf_keys(value, f"{key}.") if isinstance(value, dict) and value else [key]
+        origins.update({k: label for k in subkeys})
     for key in raw:
         if key not in TOP_KEYS:
             raise ConfigError(f"{p}: unknown key {key!r}; {_suggest(key, TOP_KEYS)}")
@@ -114,7 +121,9 @@ def load_pipeline(
             raise ConfigError(f"{p}: section {s!r} must be a mapping")
     name = str(top.get("name") or raw.get("name") or p.stem)
     runs_dir = Path(top.get("runs_dir") or raw.get("runs_dir") or "runs")
-    pipe = Pipeline(name=name, runs_dir=runs_dir, stages=stages, sections=sections, source=str(p))
+    pipe = Pipeline(
+        name=name, runs_dir=runs_dir, stages=stages, sections=sections, source=str(p), origins=origins
+    )
     for s in pipe.stages:  # fail fast on any bad key before the first stage runs
         stage_config(pipe, s, check_only=True)
     return pipe
@@ -173,7 +182,9 @@ def _upstream_models(pipe: Pipeline, stage: str) -> list[str]:
         trained = [s for s in TRAIN_STAGES if s in pipe.stages]
         finetuned = [s for s in trained if s != "pretrain"]
         return finetuned or trained
-    return [models] if isinstance(models, str) else list(models)
+    if isinstance(models, str):  # `models: classify` or `--set evaluate.models=classify,instruct`
+        return [m.strip() for m in models.split(",") if m.strip()]
+    return list(models)
 
 
 def _inputs(pipe: Pipeline, stage: str) -> list[str]:
@@ -183,55 +194,69 @@ def _inputs(pipe: Pipeline, stage: str) -> list[str]:
     return ups
 
 
-def stage_config(pipe: Pipeline, stage: str, check_only: bool = False) -> Any:
-    """The resolved config of a stage: a task config dataclass for training, a dict otherwise."""
-    sec = copy.deepcopy(pipe.sections[stage])
-    where = f"{pipe.source}: {stage}"
-    if stage in TRAIN_STAGES:
-        from gptforge.pipeline.config import load_config
+def _where(pipe: Pipeline, stage: str):
+    """Messages about a stage's key name the file, the stage, and `--set`/`quick:` when it came from there."""
 
-        init = (sec.get("model") or {}).get("init")
-        if init in STAGES:
+    def where(key: str) -> str:
+        k = f"{stage}.{key.split('[', 1)[0]}"
+        while k:
+            if k in pipe.origins:
+                return f"{pipe.source} ({pipe.origins[k]}): {stage}: "
+            k = k.rpartition(".")[0]
+        return f"{pipe.source}: {stage}: "
+
+    return where
+
+
+def stage_config(pipe: Pipeline, stage: str, check_only: bool = False) -> Any:
+    """The resolved config dataclass of a stage: the task config for training, EvaluateStageConfig or
+    ExportStageConfig otherwise (their runner-filled fields stay unset: the runner fills them per model).
+    """
+    from gptforge.pipeline.config import RUNNER_FILLED, STAGE_CONFIGS, config_from_mapping
+
+    sec = copy.deepcopy(pipe.sections[stage])
+    where = _where(pipe, stage)
+    if stage in TRAIN_STAGES:
+        model = sec.get("model")
+        init = model.get("init") if isinstance(model, dict) else None
+        if isinstance(init, str) and init in STAGES:
             if init not in TRAIN_STAGES or STAGES.index(init) >= STAGES.index(stage):
-                raise ConfigError(f"{where}.model.init={init!r}: only an earlier training stage can feed it")
+                raise ConfigError(
+                    f"{where('model.init')}model.init={init!r}: only an earlier training stage can feed it"
+                )
             if init not in pipe.stages:
-                raise ConfigError(f"{where}.model.init={init!r}: that stage is not in `stages:`; add it")
+                raise ConfigError(
+                    f"{where('model.init')}model.init={init!r}: that stage is not in `stages:`; add it"
+                )
             sec["model"]["init"] = str(final_checkpoint(pipe, init)) if not check_only else "scratch"
         train = sec.setdefault("train", {})
-        if "out_dir" in train:
+        if isinstance(train, dict) and "out_dir" in train:
             raise ConfigError(
-                f"{where}.train.out_dir: the runner sets it to {pipe.stage_dir(stage)}; remove it"
+                f"{where('train.out_dir')}train.out_dir: the runner sets it to {pipe.stage_dir(stage)}; remove it"
             )
-        train["out_dir"] = str(pipe.stage_dir(stage))
-        flat: dict[str, Any] = {}
-
-        def walk(d: dict, prefix: str) -> None:
-            for k, v in d.items():
-                if isinstance(v, dict) and k in ("model", "data", "train", "lora"):
-                    walk(v, f"{prefix}{k}.")
-                else:
-                    flat[f"{prefix}{k}"] = v
-
-        walk(sec, "")
-        try:
-            return load_config(stage, None, **flat)
-        except ConfigError as e:
-            raise ConfigError(f"{where}: {e}") from None
-    keys = EVALUATE_KEYS if stage == "evaluate" else EXPORT_KEYS
-    for k in sec:
-        if k not in keys:
-            raise ConfigError(f"{where}: unknown key {k!r}; {_suggest(k, keys)}")
+        if isinstance(train, dict):
+            train["out_dir"] = str(pipe.stage_dir(stage))
+        return config_from_mapping(STAGE_CONFIGS[stage], sec, where=where)
+    exclude = RUNNER_FILLED[stage]
+    cfg = config_from_mapping(STAGE_CONFIGS[stage], sec, where=where, exclude=exclude)
     for m in _upstream_models(pipe, stage):
         if m not in TRAIN_STAGES or m not in pipe.stages:
-            raise ConfigError(f"{where}.models: {m!r} is not a training stage of this pipeline")
-    if stage == "evaluate" and sec.get("judge"):
-        from gptforge.pipeline.judge import JudgeConfig
+            raise ConfigError(f"{where('models')}models: {m!r} is not a training stage of this pipeline")
+    return cfg
 
-        try:
-            JudgeConfig(**sec["judge"])
-        except TypeError as e:
-            raise ConfigError(f"{where}.judge: {e}") from None
-    return sec
+
+def stage_record(stage: str, cfg: Any) -> dict:
+    """A stage's config as a pipeline file section accepts it (runner-filled keys dropped): --print-config."""
+    from gptforge.pipeline.config import RUNNER_FILLED
+
+    d = dataclasses.asdict(cfg)
+    for key in RUNNER_FILLED[stage]:
+        *parents, last = key.split(".")
+        sub = d
+        for part in parents:
+            sub = sub.get(part) or {}
+        sub.pop(last, None)
+    return d
 
 
 def final_checkpoint(pipe: Pipeline, stage: str) -> Path:
@@ -271,27 +296,27 @@ def _key_metrics(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None}
 
 
-def _run_evaluate(pipe: Pipeline, sec: dict) -> tuple[str, dict, dict]:
+def _run_evaluate(pipe: Pipeline, cfg: Any) -> tuple[str, dict, dict]:
     from gptforge.pipeline.evaluate import evaluate_checkpoint
 
-    judge = None
-    if sec.get("judge"):
-        from gptforge.pipeline.judge import JudgeConfig
-
-        judge = JudgeConfig(**sec["judge"])
+    data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if v is not None}
     metrics, outputs = {}, {}
     for model_stage in _upstream_models(pipe, "evaluate"):
         fault_point("evaluate")
         out = pipe.stage_dir("evaluate") / model_stage
+        # adapter onto today's signature; evaluate_checkpoint will take the config itself
         m = evaluate_checkpoint(
             model_stage,
             final_checkpoint(pipe, model_stage),
             out,
-            judge=judge,
-            splits=sec.get("splits"),
-            batch_size=int(sec.get("batch_size", 8)),
-            max_new_tokens=int(sec.get("max_new_tokens", 256)),
-            use_stemmer=bool(sec.get("use_stemmer", False)),
+            data=data,
+            judge=cfg.judge,
+            splits=cfg.splits,
+            batch_size=cfg.batch_size,
+            max_new_tokens=cfg.max_new_tokens,
+            device=cfg.device,
+            use_stemmer=cfg.use_stemmer,
+            progress=cfg.progress,
         )
         metrics[model_stage] = summarize_evaluation(m)
         outputs[model_stage] = str(out)
@@ -311,7 +336,7 @@ def summarize_evaluation(m: dict) -> dict:
     return out
 
 
-def _run_export(pipe: Pipeline, sec: dict) -> tuple[str, dict, dict]:
+def _run_export(pipe: Pipeline, cfg: Any) -> tuple[str, dict, dict]:
     from gptforge.export.hf import export
     from gptforge.model.checkpoint import read_metadata
     from gptforge.model.load import load_model
@@ -330,10 +355,10 @@ def _run_export(pipe: Pipeline, sec: dict) -> tuple[str, dict, dict]:
             metrics=card_metrics,
             prompt_style=read_metadata(ckpt, "prompt_style.json"),
             overwrite=True,
-            verify=bool(sec.get("verify", True)),
+            verify=cfg.verify,
         )
         outputs[model_stage] = str(out)
-        metrics[model_stage] = {"verified": bool(sec.get("verify", True))}
+        metrics[model_stage] = {"verified": cfg.verify}
     return "done", metrics, outputs
 
 
