@@ -18,8 +18,8 @@ from gptforge.pipeline.judge import (
     call_with_retries,
     judge_records,
     parse_score,
-    reference_format_input,
 )
+from gptforge.tasks.instruct import alpaca_instruction, get_prompt_style
 
 SECRET = "sk-test-SECRET-0123456789"
 
@@ -154,9 +154,12 @@ def test_default_prompt_is_the_reference_template():
         "response `Red.` on a scale from 0 to 100, where 100 is the best score. Respond with the integer number only."
     )
     assert build_prompt(entry, DEFAULT_TEMPLATE) == expected
-    assert reference_format_input({"instruction": "I", "input": "X"}).endswith(
+    assert alpaca_instruction({"instruction": "I", "input": "X"}).endswith(
         "### Instruction:\nI\n\n### Input:\nX"
     )
+    # the judge is shown the prompt the alpaca style trains with, up to its response header
+    rec = {"instruction": "I", "input": "X"}
+    assert get_prompt_style("alpaca").format_prompt(rec) == alpaca_instruction(rec) + "\n\n### Response:\n"
     assert build_prompt(entry, "{instruction}|{output}|{model_response}") == "Name a color.|Blue.|Red."
 
 

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from gptforge.errors import ConfigError
+from gptforge.model.config import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 PRECISIONS = ("bf16", "fp16", "no")
 # Most elements in one slice of logits (fp32): 2**25 is 128 MB (667 tokens of a 50k vocabulary): few
 # slices, so the weight gradient is accumulated few times. Rows are split evenly: batch 8 x 256 makes
@@ -249,7 +249,7 @@ def fused_linear_cross_entropy(
     reduction: str = "mean",
     chunk_elements: int = CHUNK_ELEMENTS,
 ) -> torch.Tensor:
-    """Cross-entropy of logits `h @ weight.T` (fp32 softmax; -100 ignored) without materialising them all.
+    """Cross-entropy of logits `h @ weight.T` (fp32 softmax; IGNORE_INDEX ignored) without materialising them all.
 
     Same value and gradients as `F.cross_entropy(F.linear(h, weight).float(), targets)` up to fp32 rounding.
     `reduction="none"` needs every per-token loss and falls back to that plain form.

@@ -24,6 +24,7 @@ import torch
 
 from gptforge.errors import DataError, GPTForgeError
 from gptforge.io import atomic_dir, write_json, write_jsonl
+from gptforge.model.config import IGNORE_INDEX
 from gptforge.pipeline.judge import JudgeConfig, judge_records, write_judgments
 from gptforge.tasks.instruct import RESPONSE_HEADER, extract_response
 
@@ -82,7 +83,7 @@ def lm_metrics(model, batches: Iterable[dict], device: str | torch.device | None
         targets = batch["targets"].to(dev)
         loss = model(batch["input_ids"].to(dev), targets=targets, reduction="sum")
         total += float(loss)
-        count += int((targets != -100).sum())
+        count += int((targets != IGNORE_INDEX).sum())
     if count == 0:
         raise DataError("no target tokens to evaluate: the split is empty or shorter than one block")
     loss = total / count
@@ -95,8 +96,8 @@ def label_names(model) -> list[str]:
     cfg = model.cfg
     if not cfg.num_labels:
         raise GPTForgeError("this checkpoint is a language model (num_labels=0); classify needs a classifier")
-    names = cfg.id2label or {}
-    return [str(names.get(i, f"LABEL_{i}")) for i in range(cfg.num_labels)]
+    labels = cfg.labels()
+    return [labels[i] for i in range(cfg.num_labels)]
 
 
 @torch.no_grad()

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Protocol
 
 from gptforge.errors import ConfigError
+from gptforge.tasks.instruct import alpaca_instruction
 
 BACKENDS = ("ollama", "openai")
 DEFAULT_URLS = {"ollama": "http://localhost:11434", "openai": "http://localhost:8000/v1"}
@@ -41,18 +42,6 @@ DEFAULT_TEMPLATE = (
     "Respond with the integer number only."
 )
 TEMPLATE_FIELDS = ("prompt", "instruction", "input", "output", "model_response")
-
-
-def reference_format_input(entry: dict) -> str:
-    """The reference's Alpaca prompt (instruction and optional input, no response header)."""
-    text = (
-        "Below is an instruction that describes a task. "
-        "Write a response that appropriately completes the request."
-        f"\n\n### Instruction:\n{entry.get('instruction', '')}"
-    )
-    if entry.get("input"):
-        text += f"\n\n### Input:\n{entry['input']}"
-    return text
 
 
 @dataclass
@@ -288,7 +277,7 @@ def call_with_retries(
 # -- judging a set of records ---------------------------------------------------------------------
 def build_prompt(entry: dict, template: str = DEFAULT_TEMPLATE, response_key: str = "model_response") -> str:
     fields = {
-        "prompt": reference_format_input(entry),
+        "prompt": alpaca_instruction(entry),
         "instruction": entry.get("instruction", ""),
         "input": entry.get("input", ""),
         "output": entry.get("output", ""),

@@ -13,7 +13,7 @@ from typing import Any
 
 from gptforge.errors import ConfigError
 from gptforge.model.checkpoint import is_checkpoint, load_checkpoint
-from gptforge.model.config import GPTConfig
+from gptforge.model.config import IGNORE_INDEX, GPTConfig
 from gptforge.model.gpt import GPT
 from gptforge.model.lora import apply_lora, count_parameters
 from gptforge.pipeline.config import (
@@ -211,7 +211,7 @@ def run_instruct(cfg: InstructConfig) -> RunResult:
         tok = tok.select_columns(["input_ids", "prompt_length"])
     collate = InstructionCollator(
         pad_token_id=model.cfg.eos_token_id,
-        ignore_index=-100,
+        ignore_index=IGNORE_INDEX,
         allowed_max_length=max_len,
         mask_prompt=d.mask_prompt,
     )

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from gptforge.errors import ConfigError, TrainingError
 from gptforge.io import atomic_dir, write_json
 from gptforge.model.checkpoint import save_checkpoint
+from gptforge.model.config import IGNORE_INDEX
 from gptforge.model.gpt import GPT
 from gptforge.model.lora import describe_trainable, lora_config, register_adapter_checkpointing, save_adapter
 from gptforge.model.perf import keep_freed_memory, release_freed_memory
@@ -304,7 +305,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
 class Trainer:
     """Trains a GPT on map-style datasets whose collated batches hold `input_ids` and `targets`.
 
-    `kind="lm"`: `targets` are next-token ids (B, T) with -100 ignored; `kind="classify"`: class ids (B,)
+    `kind="lm"`: `targets` are next-token ids (B, T) with IGNORE_INDEX ignored; `kind="classify"`: class ids (B,)
     and an `attention_mask`. Create the Trainer first (it seeds everything and owns the Accelerator),
     prepare data inside `trainer.main_process_first()`, build the model, then call `fit`.
     """
@@ -338,7 +339,7 @@ class Trainer:
     def count_targets(self, batch: dict) -> torch.Tensor:
         """How many terms `compute_loss` summed: non-ignored target tokens, or examples."""
         t = batch["targets"]
-        return t.numel() if self.kind == "classify" else (t != -100).sum()
+        return t.numel() if self.kind == "classify" else (t != IGNORE_INDEX).sum()
 
     def example_stats(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         """Per-example sums for evaluation, (B,) each, so `gather_for_metrics` can drop duplicates."""
@@ -348,7 +349,7 @@ class Trainer:
             loss = F.cross_entropy(logits, y, reduction="none")
             return {"loss": loss, "count": torch.ones_like(loss), "correct": (logits.argmax(-1) == y).float()}
         loss = model(x, attention_mask=mask, targets=y, reduction="none").view(y.shape[0], -1)
-        return {"loss": loss.sum(1), "count": (y != -100).sum(1).float()}
+        return {"loss": loss.sum(1), "count": (y != IGNORE_INDEX).sum(1).float()}
 
     # -- public API -----------------------------------------------------------------------------------
     def main_process_first(self):

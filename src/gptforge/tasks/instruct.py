@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from gptforge.errors import DataError
+from gptforge.model.config import IGNORE_INDEX
 from gptforge.model.tokenizer import EOT, EOT_ID
 from gptforge.tasks.sources import column_values, map_fingerprint, read_json_records, resolve
 
@@ -53,11 +54,19 @@ class PromptStyle:
 ALPACA_PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 
 
-def _alpaca(record: Mapping[str, Any]) -> str:
+def alpaca_instruction(record: Mapping[str, Any]) -> str:
+    """The Alpaca preamble, instruction and optional input, without the response header.
+
+    The reference's `format_input`: what the alpaca style prompts with, and what its judge is shown.
+    """
     text = f"{ALPACA_PREAMBLE}\n\n### Instruction:\n{_field(record, 'instruction')}"
     if _field(record, "input"):
         text += f"\n\n### Input:\n{_field(record, 'input')}"
-    return text + "\n\n### Response:\n"
+    return text
+
+
+def _alpaca(record: Mapping[str, Any]) -> str:
+    return alpaca_instruction(record) + "\n\n### Response:\n"
 
 
 def _phi3(record: Mapping[str, Any]) -> str:
@@ -236,7 +245,7 @@ class InstructionCollator:
     def __init__(
         self,
         pad_token_id: int = EOT_ID,
-        ignore_index: int = -100,
+        ignore_index: int = IGNORE_INDEX,
         allowed_max_length: int | None = None,
         mask_prompt: bool = False,
     ) -> None:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from gptforge.errors import DataError
+from gptforge.model.config import IGNORE_INDEX
 from gptforge.model.tokenizer import EOT_ID
 from gptforge.tasks.sources import REGISTRY, check_utf8, is_saved_dataset, load_any, quiet_datasets, resolve
 
@@ -282,7 +283,7 @@ def load_corpus(
 class PretrainCollator:
     """Stack blocks of context_length + 1 tokens into `input_ids` = block[:-1] and `targets` = block[1:].
 
-    `target_fraction` < 1 keeps each target with that probability (the rest become -100, drawn from
+    `target_fraction` < 1 keeps each target with that probability (the rest become IGNORE_INDEX, drawn from
     torch's seeded RNG). Every position still reads its whole context, but only the kept ones pay for the
     vocabulary head, which dominates a small GPT-2's cost: the loss stays an unbiased estimate of the full
     next-token loss at a fraction of the compute. Evaluate with the default collator (all targets).
@@ -303,5 +304,5 @@ class PretrainCollator:
         batch = torch.stack(rows).long()
         targets = batch[:, 1:].contiguous()
         if self.target_fraction < 1.0:
-            targets = targets.masked_fill(torch.rand(targets.shape) >= self.target_fraction, -100)
+            targets = targets.masked_fill(torch.rand(targets.shape) >= self.target_fraction, IGNORE_INDEX)
         return {"input_ids": batch[:, :-1].contiguous(), "targets": targets}
