@@ -10,7 +10,7 @@ import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -18,6 +18,7 @@ from gptforge.errors import DataError
 from gptforge.model.config import IGNORE_INDEX
 from gptforge.model.tokenizer import EOT, EOT_ID
 from gptforge.tasks.sources import column_values, map_fingerprint, read_json_records, resolve
+from gptforge.tasks.splits import first_n
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +165,35 @@ def load_instruction_data(
         raise DataError(f"{file}: {len(ds)} records give an empty train split; add records")
     log.info("%s: %s records", file, {k: len(v) for k, v in parts.items()})
     return DatasetDict(parts)
+
+
+class InstructData(Protocol):
+    """The data fields `load_splits` reads (`pipeline.config.InstructDataConfig` has them)."""
+
+    dataset: str
+    instruction_column: str
+    input_column: str
+    output_column: str
+    limit: int | None
+
+
+def load_splits(data: InstructData, seed: int):
+    """train/validation/test records: the one way training and evaluation read instruction data.
+
+    `dataset` "instruction" is the book's file; the column fields map a file's names to
+    instruction/input/output; `data.limit` keeps the first N records of each split.
+    """
+    columns = {
+        src: dst
+        for src, dst in (
+            (data.instruction_column, "instruction"),
+            (data.input_column, "input"),
+            (data.output_column, "output"),
+        )
+        if src != dst
+    }
+    path = None if data.dataset == "instruction" else data.dataset
+    return first_n(load_instruction_data(path, columns=columns or None, seed=seed), data.limit)
 
 
 def tokenize_instruction(

@@ -280,6 +280,23 @@ def load_corpus(
     return DatasetDict(out)
 
 
+def load_splits(data: Any, context_length: int, test_sources: Sequence[Any] | None = None):
+    """train/validation blocks of `data.sources` (and a `test` split packed from held-out
+    `test_sources`): the one way training and evaluation read a pretraining corpus.
+
+    `data` has the fields of `pipeline.config.PretrainDataConfig` (sources, stride, val_fraction).
+    """
+    from datasets import DatasetDict
+
+    dsd = load_corpus(
+        data.sources, context_length=context_length, stride=data.stride, val_fraction=data.val_fraction
+    )
+    if test_sources:
+        test = load_corpus(list(test_sources), context_length=context_length, val_fraction=0.0)["train"]
+        dsd = DatasetDict({**dsd, "test": test})
+    return dsd
+
+
 class PretrainCollator:
     """Stack blocks of context_length + 1 tokens into `input_ids` = block[:-1] and `targets` = block[1:].
 
