@@ -136,48 +136,34 @@ def evaluate(argv: list[str]) -> int:
     if ns.batch_size < 1 or ns.max_new_tokens < 1:
         raise ConfigError("--batch-size and --max-new-tokens must be >= 1")
 
-    if ns.responses:
-        from gptforge.pipeline.evaluate import evaluate_responses_file
+    from gptforge.pipeline.config import EvaluateConfig, EvaluateDataConfig
+    from gptforge.pipeline.evaluate import evaluate_checkpoint, evaluate_responses_file, output_dir
 
-        out = Path(ns.out or Path("eval") / Path(ns.responses).stem)
-        metrics = evaluate_responses_file(
-            ns.responses,
-            out,
-            response_key=ns.response_key,
-            judge=judge,
-            use_stemmer=ns.use_stemmer,
-            progress=not ns.no_progress,
-        )
-        _print_summary(metrics, out)
-        return 0
-
-    from gptforge.pipeline.evaluate import evaluate_checkpoint
-
-    data = {
-        "dataset": ns.data,
-        "text_column": ns.text_column,
-        "label_column": ns.label_column,
-        "max_length": ns.max_length,
-        "limit": ns.limit,
-        "test_sources": ns.test_data,
-        "prompt_style": ns.prompt_style,
-    }
-    data = {k: v for k, v in data.items() if v is not None}
-    out = Path(ns.out or Path("eval") / "-".join(Path(ns.checkpoint).resolve().parts[-2:]))
-    metrics = evaluate_checkpoint(
-        ns.task,
-        ns.checkpoint,
-        out,
-        data=data,
-        judge=judge,
+    cfg = EvaluateConfig(
+        checkpoint=ns.checkpoint,
+        responses=ns.responses,
+        response_key=ns.response_key,
+        task=ns.task,
+        data=EvaluateDataConfig(
+            dataset=ns.data,
+            text_column=ns.text_column,
+            label_column=ns.label_column,
+            max_length=ns.max_length,
+            test_sources=ns.test_data.split(",") if ns.test_data else None,
+            prompt_style=ns.prompt_style,
+            limit=ns.limit,
+        ),
         splits=ns.splits.split(",") if ns.splits else None,
+        out=ns.out,
         batch_size=ns.batch_size,
         max_new_tokens=ns.max_new_tokens,
         device=ns.device,
         use_stemmer=ns.use_stemmer,
         progress=not ns.no_progress,
+        judge=judge,
     )
-    _print_summary(metrics, out)
+    metrics = (evaluate_responses_file if cfg.responses else evaluate_checkpoint)(cfg)
+    _print_summary(metrics, output_dir(cfg))
     return 0
 
 

@@ -272,6 +272,7 @@ def _key_metrics(metrics: dict) -> dict:
 
 
 def _run_evaluate(pipe: Pipeline, sec: dict) -> tuple[str, dict, dict]:
+    from gptforge.pipeline.config import EvaluateConfig
     from gptforge.pipeline.evaluate import evaluate_checkpoint
 
     judge = None
@@ -282,16 +283,17 @@ def _run_evaluate(pipe: Pipeline, sec: dict) -> tuple[str, dict, dict]:
     metrics, outputs = {}, {}
     for model_stage in _upstream_models(pipe, "evaluate"):
         out = pipe.stage_dir("evaluate") / model_stage
-        m = evaluate_checkpoint(
-            model_stage,
-            final_checkpoint(pipe, model_stage),
-            out,
+        cfg = EvaluateConfig(
+            checkpoint=str(final_checkpoint(pipe, model_stage)),
+            out=str(out),
+            task=model_stage,
             judge=judge,
             splits=sec.get("splits"),
             batch_size=int(sec.get("batch_size", 8)),
             max_new_tokens=int(sec.get("max_new_tokens", 256)),
             use_stemmer=bool(sec.get("use_stemmer", False)),
         )
+        m = evaluate_checkpoint(cfg)
         metrics[model_stage] = summarize_evaluation(m)
         outputs[model_stage] = str(out)
     return "done", metrics, outputs
