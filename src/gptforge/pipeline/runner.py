@@ -299,16 +299,21 @@ def _run_evaluate(pipe: Pipeline, sec: dict) -> tuple[str, dict, dict]:
     return "done", metrics, outputs
 
 
+SPLIT_PREFIX = {"validation": "val"}  # flat metric keys name the validation split as the trainer does
+
+
 def summarize_evaluation(m: dict) -> dict:
-    """The headline numbers of an evaluation's metrics.json."""
+    """The headline numbers of an evaluation's metrics.json, flat as the trainer writes them:
+    `<split>_<metric>` with `val` for the validation split (`val_accuracy`, `test_loss`, ...)."""
     out: dict[str, Any] = {}
     for split, sm in (m.get("splits") or {}).items():
+        prefix = SPLIT_PREFIX.get(split, split)
         for key in ("accuracy", "macro_f1", "loss", "perplexity", "rouge_l_f1", "exact_match"):
             if isinstance(sm, dict) and isinstance(sm.get(key), (int, float)):
-                out[f"{split}_{key}"] = sm[key]
+                out[f"{prefix}_{key}"] = sm[key]
     judge = m.get("judge") or {}
-    if isinstance(judge, dict) and judge.get("mean") is not None:
-        out["judge_mean"], out["judge_n"] = judge["mean"], judge.get("n")
+    if isinstance(judge, dict) and judge.get("mean_score") is not None:
+        out["judge_mean_score"], out["judge_n_scored"] = judge["mean_score"], judge.get("n_scored")
     return out
 
 
@@ -466,8 +471,8 @@ def run_pipeline(
 # -- summary ---------------------------------------------------------------------------------------
 
 HEADLINE = {
-    "pretrain": ("val_loss", "val_ppl"),
-    "classify": ("train_acc", "val_acc", "test_acc"),
+    "pretrain": ("val_loss", "val_perplexity"),
+    "classify": ("train_accuracy", "val_accuracy", "test_accuracy"),
     "instruct": ("val_loss", "test_loss"),
 }
 

@@ -618,9 +618,9 @@ class Trainer:
         n = max(sums.get("count", 0.0), 1.0)
         out = {"loss": sums.get("loss", float("nan")) / n}
         if self.kind == "classify":
-            out["acc"] = sums.get("correct", 0.0) / n
+            out["accuracy"] = sums.get("correct", 0.0) / n
         else:
-            out["ppl"] = math.exp(min(out["loss"], 700.0))
+            out["perplexity"] = math.exp(min(out["loss"], 700.0))
         return out
 
     def _eval_and_log(self, state: TrainState, epoch: int) -> None:
