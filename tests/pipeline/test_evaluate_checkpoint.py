@@ -15,6 +15,7 @@ from gptforge.model.config import GPTConfig
 from gptforge.model.generate import generate
 from gptforge.model.gpt import GPT
 from gptforge.model.tokenizer import Tokenizer
+from gptforge.pipeline.config import EvaluateConfig, EvaluateDataConfig
 from gptforge.pipeline.evaluate import REFERENCE_RESPONSES, evaluate_checkpoint
 from gptforge.tasks.instruct import extract_response, get_prompt_style
 
@@ -66,8 +67,10 @@ def test_classify_checkpoint_on_a_csv(clf_dir, tmp_path, tok):
         w.writeheader()
         w.writerows(rows)
     out = tmp_path / "eval"
-    data = {"dataset": str(path), "text_column": "message", "label_column": "kind", "max_length": 6}
-    metrics = evaluate_checkpoint(None, clf_dir, out, data=data, batch_size=4, progress=False)
+    data = EvaluateDataConfig(dataset=str(path), text_column="message", label_column="kind", max_length=6)
+    metrics = evaluate_checkpoint(
+        EvaluateConfig(checkpoint=str(clf_dir), out=str(out), data=data, batch_size=4, progress=False)
+    )
     assert metrics["task"] == "classify"
     sizes = {k: v["n"] for k, v in metrics["splits"].items()}
     assert list(sizes) == ["train", "validation", "test"] and sum(sizes.values()) == 40 and sizes["test"] == 8
@@ -155,9 +158,15 @@ def test_instruct_checkpoint(lm_dir, tmp_path, tok):
     path = tmp_path / "inst.json"
     path.write_text(json.dumps(recs[:20]))  # 17 train, 2 test, 1 validation
     out = tmp_path / "eval"
-    metrics = evaluate_checkpoint(
-        None, lm_dir, out, data={"dataset": str(path)}, batch_size=2, max_new_tokens=6, progress=False
+    cfg = EvaluateConfig(
+        checkpoint=str(lm_dir),
+        out=str(out),
+        data=EvaluateDataConfig(dataset=str(path)),
+        batch_size=2,
+        max_new_tokens=6,
+        progress=False,
     )
+    metrics = evaluate_checkpoint(cfg)
     assert metrics["task"] == "instruct" and metrics["source"]["prompt_style"] == "alpaca"
     m = metrics["splits"]["test"]
     assert m["n"] == 2
@@ -189,6 +198,7 @@ def test_instruct_checkpoint(lm_dir, tmp_path, tok):
 
 
 def test_pretrain_checkpoint(lm_dir, tmp_path):
+    """The corpus, block size and validation share come from run.json; --test-data adds a test split."""
     from gptforge.model.checkpoint import load_checkpoint
     from gptforge.tasks.pretrain import load_corpus
 
@@ -197,9 +207,19 @@ def test_pretrain_checkpoint(lm_dir, tmp_path):
     held = tmp_path / "b.txt"
     held.write_text(" ".join(reversed(WORDS * 12)))
     out = tmp_path / "eval"
-    data = {"sources": [str(text)], "test_sources": [str(held)], "context_length": 32, "val_fraction": 0.25}
-    metrics = evaluate_checkpoint("pretrain", lm_dir, out, data=data, batch_size=3, progress=False)
     model = load_checkpoint(lm_dir)
+    data = {"sources": [str(text)], "context_length": 32, "val_fraction": 0.25}
+    run = {"config": {"task": "pretrain", "data": data, "train": {"seed": 123}}}
+    ck = save_checkpoint(model, tmp_path / "ck", metadata={"run.json": run})
+    cfg = EvaluateConfig(
+        checkpoint=str(ck),
+        out=str(out),
+        task="pretrain",
+        data=EvaluateDataConfig(test_sources=[str(held)]),
+        batch_size=3,
+        progress=False,
+    )
+    metrics = evaluate_checkpoint(cfg)
     val = load_corpus([str(text)], context_length=32, val_fraction=0.25, cache_dir=None)["validation"]
     test = load_corpus([str(held)], context_length=32, val_fraction=0.0)["train"]
     for split, ds in (("validation", val), ("test", test)):
@@ -239,7 +259,9 @@ def test_classify_uses_the_training_run_config(tmp_path):
         }
     }
     ck = save_checkpoint(model.eval(), tmp_path / "ck", metadata={"run.json": run})
-    metrics = evaluate_checkpoint(None, ck, tmp_path / "eval", progress=False)
+    metrics = evaluate_checkpoint(
+        EvaluateConfig(checkpoint=str(ck), out=str(tmp_path / "eval"), progress=False)
+    )
     expected, _ = load_classification_data(str(path), seed=7)
     preds = [json.loads(x) for x in (tmp_path / "eval" / "predictions_test.jsonl").read_text().splitlines()]
     assert [p["text"] for p in preds] == expected["test"]["text"][:5]

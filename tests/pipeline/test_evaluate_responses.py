@@ -8,6 +8,7 @@ import pytest
 from rouge_score.tokenizers import DefaultTokenizer
 
 from gptforge.cli import main
+from gptforge.pipeline.config import EvaluateConfig
 from gptforge.pipeline.evaluate import REFERENCE_RESPONSES, evaluate_responses_file
 
 
@@ -85,7 +86,9 @@ def test_other_response_key_and_bad_files(tmp_path, test_records, capsys):
     recs = [dict(r, **{"model 1 response": r["output"]}) for r in test_records[:5]]
     path = tmp_path / "r.json"
     path.write_text(json.dumps(recs))
-    m = evaluate_responses_file(path, tmp_path / "e", response_key="model 1 response")
+    m = evaluate_responses_file(
+        EvaluateConfig(responses=str(path), out=str(tmp_path / "e"), response_key="model 1 response")
+    )
     assert m["splits"]["test"]["exact_match"] == 1.0 and m["splits"]["test"]["rouge_l_f1"] == 1.0
 
     # a user's mistakes are one line on stderr and exit 2, and no output dir appears

@@ -18,8 +18,8 @@ from gptforge.pipeline.judge import (
     call_with_retries,
     judge_records,
     parse_score,
-    reference_format_input,
 )
+from gptforge.tasks.instruct import alpaca_instruction, get_prompt_style
 
 SECRET = "sk-test-SECRET-0123456789"
 
@@ -154,9 +154,12 @@ def test_default_prompt_is_the_reference_template():
         "response `Red.` on a scale from 0 to 100, where 100 is the best score. Respond with the integer number only."
     )
     assert build_prompt(entry, DEFAULT_TEMPLATE) == expected
-    assert reference_format_input({"instruction": "I", "input": "X"}).endswith(
+    assert alpaca_instruction({"instruction": "I", "input": "X"}).endswith(
         "### Instruction:\nI\n\n### Input:\nX"
     )
+    # the judge is shown the prompt the alpaca style trains with, up to its response header
+    rec = {"instruction": "I", "input": "X"}
+    assert get_prompt_style("alpaca").format_prompt(rec) == alpaca_instruction(rec) + "\n\n### Response:\n"
     assert build_prompt(entry, "{instruction}|{output}|{model_response}") == "Name a color.|Blue.|Red."
 
 
@@ -211,8 +214,7 @@ def test_good_garbage_500_flaky(server, backend):
         "n_unparseable": 1,
         "n_failed": 1,
         "mean_score": pytest.approx(80.0),
-        "mean": pytest.approx(80.0),
-        "n": 3,
+        "error": judgments[2]["error"],
         "config": cfg.to_dict(),
     }
     body = server.requests[0]["body"]
@@ -305,3 +307,109 @@ def test_cli_template_file(server, tmp_path):
     assert server.requests[0]["body"]["messages"][0]["content"] == "Rate `GOOD` against `ref` for: Task 0"
     (tmp_path / "bad.txt").write_text("Rate {answer}")
     assert main(argv + ["--judge.url", server.url, "--judge.template-file", str(tmp_path / "bad.txt")]) == 2
+
+
+def closed_port() -> int:
+    """A localhost port nothing listens on: bound, then closed."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cli_unreachable_judge_fails_with_the_cause(tmp_path, capsys):
+    """Every request failed: exit 2, one line naming the URL, the cause and the fix; no mean anywhere;
+    judgments.jsonl still says why for each record."""
+    from gptforge.cli import main
+
+    port = closed_port()
+    path = tmp_path / "responses.json"
+    path.write_text(json.dumps(records("GOOD", "GOOD", "GOOD", "GOOD", "GOOD")))
+    out = tmp_path / "eval"
+    url = f"http://127.0.0.1:{port}/v1"
+    argv = ["evaluate", "--responses", str(path), "--out", str(out), "--no-progress"]
+    argv += ["--judge.backend", "openai", "--judge.url", url, "--judge.retries", "0"]
+    assert main(argv) == 2
+    printed = capsys.readouterr()
+    lines = printed.err.strip().splitlines()
+    assert len(lines) == 1, printed.err
+    line = lines[0]
+    assert line.startswith(
+        f"gptforge evaluate: error: judge at {url}: all 5 requests failed: cannot reach {url}"
+    )
+    assert "Connection refused" in line and "is the judge server running" in line and "--judge.url" in line
+    assert "mean score" not in printed.out
+    judgments = [json.loads(x) for x in (out / "judgments.jsonl").read_text().splitlines()]
+    assert [j["status"] for j in judgments] == ["failed"] * 5
+    assert all("Connection refused" in j["error"] for j in judgments)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["judge"]["mean_score"] is None and metrics["judge"]["n_failed"] == 5
+    assert "Connection refused" in metrics["judge"]["error"]
+
+
+def test_cli_judge_password_in_url_is_redacted(tmp_path, capsys):
+    from gptforge.cli import main
+
+    port = closed_port()
+    path = tmp_path / "responses.json"
+    path.write_text(json.dumps(records("GOOD")))
+    argv = ["evaluate", "--responses", str(path), "--out", str(tmp_path / "e"), "--no-progress"]
+    argv += ["--judge.url", f"http://me:{SECRET}@127.0.0.1:{port}", "--judge.retries", "0"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"judge at http://127.0.0.1:{port}: all 1 requests failed" in err and SECRET not in err
+    for p in (tmp_path / "e").iterdir():
+        assert SECRET.encode() not in p.read_bytes(), p
+
+
+def test_cli_judge_partial_failure_names_count_and_cause(tmp_path, capsys):
+    """A server that fails every other request: the evaluation succeeds, and the failures are counted
+    with their cause on stderr."""
+    from gptforge.cli import main
+
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            seen.append(self.path)
+            if len(seen) % 2 == 0:
+                code, obj = 503, {"error": "busy, try later"}
+            else:
+                code, obj = 200, {"choices": [{"message": {"role": "assistant", "content": "80"}}]}
+            data = json.dumps(obj).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        path = tmp_path / "responses.json"
+        path.write_text(json.dumps(records(*["GOOD"] * 6)))
+        out = tmp_path / "eval"
+        argv = ["evaluate", "--responses", str(path), "--out", str(out), "--no-progress"]
+        argv += ["--judge.backend", "openai", "--judge.url", url, "--judge.retries", "0"]
+        argv += ["--judge.concurrency", "1"]
+        assert main(argv) == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+    printed = capsys.readouterr()
+    assert len(seen) == 6
+    assert "judge: mean score 80.00 over n=3 of 6 (0 unparseable, 3 failed)" in printed.out
+    assert (
+        f"judge: 3 of 6 requests to {url} failed: HTTP 503 from {url}/chat/completions: "
+        '{"error": "busy, try later"}' in printed.err
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["judge"]["mean_score"] == 80 and metrics["judge"]["n_failed"] == 3
+    assert "most common cause: `HTTP 503 from" in (out / "report.md").read_text()

@@ -65,7 +65,7 @@ def test_run_skip_from_and_upstream_change(tmp_path, data_env):
     assert manifests["classify"]["metrics"]["step"] == 3  # 24 examples / batch 8
     assert (root / "export" / "classify" / "model.safetensors").is_file()
     summary = (root / "summary.md").read_text()
-    assert "| classify | ran |" in summary and "test_acc" in summary
+    assert "| classify | ran |" in summary and "test_accuracy" in summary
 
     # Unchanged config and inputs: everything is skipped, nothing is rewritten.
     mtime = (root / "classify" / "final" / "model.safetensors").stat().st_mtime_ns
@@ -177,3 +177,21 @@ def test_stage_under_torchrun_two_processes(tmp_path, data_env):
     assert run_json["num_processes"] == 2  # really two processes, not two separate runs
     bad = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "run one stage per launch" in bad.stderr
+
+
+def test_evaluate_stage_reports_the_trainers_names_and_numbers(tmp_path, data_env):
+    """The evaluate stage scores the pretrain stage's checkpoint on the data it was trained with; the
+    summary carries the trainer's metric names, and the validation loss is the trainer's own."""
+    data = json.loads(json.dumps(PIPELINE))
+    data["stages"] = ["pretrain", "evaluate"]
+    data["evaluate"] = {"batch_size": 4}
+    data["pretrain"]["train"].update(max_steps=2, save_every=0)
+    path = write_pipeline(tmp_path, data)
+    runs = tmp_path / "runs"
+    run_pipeline(load_pipeline(path, runs_dir=runs), log=lambda *_: None)
+    pre = read_manifest(runs / "mini" / "pretrain")["metrics"]
+    ev = read_manifest(runs / "mini" / "evaluate")["metrics"]["pretrain"]
+    assert set(ev) == {"val_loss", "val_perplexity"}
+    assert ev["val_loss"] == pytest.approx(pre["val_loss"], rel=1e-5)
+    assert ev["val_perplexity"] == pytest.approx(pre["val_perplexity"], rel=1e-5)
+    assert "val_perplexity" in (runs / "mini" / "summary.md").read_text()

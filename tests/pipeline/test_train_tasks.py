@@ -80,7 +80,7 @@ def test_pretrain_the_verdict_loss_falls_and_reports_perplexity(pretrained):
     assert len(losses) == 12 and len(vals) == 3  # steps 4, 8, 12
     assert vals[0] > vals[1] > vals[2]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5  # from ~10.8 (uniform over 50,257 tokens)
-    assert res.metrics["val_ppl"] == pytest.approx(math.exp(res.metrics["val_loss"]))
+    assert res.metrics["val_perplexity"] == pytest.approx(math.exp(res.metrics["val_loss"]))
     assert res.metrics["tokens"] == 12 * 2 * 64
     model = load_checkpoint(res.checkpoint)
     assert model.cfg.context_length == 64 and not model.is_classifier
@@ -126,10 +126,10 @@ def test_classify_from_hf_dir_learns_with_reference_policy(classified, hf_dir):
     m = res.metrics
     assert m["step"] == 16  # 64 examples / batch 8 x 2 epochs
     for split in ("train", "val", "test"):
-        assert 0.0 <= m[f"{split}_acc"] <= 1.0
+        assert 0.0 <= m[f"{split}_accuracy"] <= 1.0
     vals = val_losses(out)
     assert vals[-1] < vals[0]
-    assert m["train_acc"] >= 0.75  # above the balanced 50 % chance
+    assert m["train_accuracy"] >= 0.75  # above the balanced 50 % chance
     model = load_checkpoint(res.checkpoint)
     assert model.cfg.id2label == {0: "ham", 1: "spam"}
     assert json.loads((res.checkpoint / "labels.json").read_text())["id2label"] == {"0": "ham", "1": "spam"}
@@ -174,6 +174,32 @@ def test_trained_classifier_exports_and_predicts_the_same_in_transformers(classi
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
     assert theirs.argmax(-1).tolist() == ours.argmax(-1).tolist()
     assert hf.config.id2label == {0: "ham", 1: "spam"}
+
+
+def test_evaluation_reads_the_splits_training_held_out(pretrained, classified, tmp_path):
+    """`gptforge evaluate` on a trained checkpoint reads its data through the function training used
+    (the same data set, seed and limit from run.json): its numbers equal the trainer's final ones,
+    under the same names."""
+    from gptforge.pipeline.config import EvaluateConfig
+    from gptforge.pipeline.evaluate import evaluate_checkpoint
+    from gptforge.pipeline.runner import summarize_evaluation
+
+    _, res = classified
+    m = evaluate_checkpoint(
+        EvaluateConfig(checkpoint=str(res.checkpoint), out=str(tmp_path / "c"), progress=False)
+    )
+    assert {k: v["n"] for k, v in m["splits"].items()} == {"train": 64, "validation": 64, "test": 64}
+    flat = summarize_evaluation(m)
+    for split in ("train", "val", "test"):
+        assert flat[f"{split}_accuracy"] == pytest.approx(res.metrics[f"{split}_accuracy"], abs=1e-9)
+
+    _, pre = pretrained
+    m = evaluate_checkpoint(
+        EvaluateConfig(checkpoint=str(pre.checkpoint), out=str(tmp_path / "p"), progress=False)
+    )
+    flat = summarize_evaluation(m)
+    assert flat["val_loss"] == pytest.approx(pre.metrics["val_loss"], rel=1e-5)
+    assert flat["val_perplexity"] == pytest.approx(pre.metrics["val_perplexity"], rel=1e-5)
 
 
 def instruct_overrides(init, out, **train) -> dict:

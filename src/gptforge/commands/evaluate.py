@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import sys
 from pathlib import Path
 
 from gptforge.errors import ConfigError, DataError
-from gptforge.pipeline.config import EvaluateConfig
 
 
 def _template_file(argv: list[str]) -> list[str]:
@@ -35,37 +33,6 @@ def _template_file(argv: list[str]) -> list[str]:
             out.append(a)
         i += 1
     return out
-
-
-def _evaluate(cfg: EvaluateConfig) -> dict:
-    """Run one evaluation from its config (adapter onto today's evaluate_checkpoint/evaluate_responses_file)."""
-    if cfg.responses:
-        from gptforge.pipeline.evaluate import evaluate_responses_file
-
-        return evaluate_responses_file(
-            cfg.responses,
-            cfg.out,
-            response_key=cfg.response_key,
-            judge=cfg.judge,
-            use_stemmer=cfg.use_stemmer,
-            progress=cfg.progress,
-        )
-    from gptforge.pipeline.evaluate import evaluate_checkpoint
-
-    data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if v is not None}
-    return evaluate_checkpoint(
-        cfg.task,
-        cfg.checkpoint,
-        cfg.out,
-        data=data,
-        judge=cfg.judge,
-        splits=cfg.splits,
-        batch_size=cfg.batch_size,
-        max_new_tokens=cfg.max_new_tokens,
-        device=cfg.device,
-        use_stemmer=cfg.use_stemmer,
-        progress=cfg.progress,
-    )
 
 
 def _print_summary(metrics: dict, out_dir: Path) -> None:
@@ -100,12 +67,10 @@ def evaluate(argv: list[str]) -> int:
         raise ConfigError("give a checkpoint directory or --responses FILE.json (exactly one)")
     if cfg.judge is not None:
         cfg.judge.api_key()  # a missing key variable fails now, not after generation
-    if cfg.out is None:
-        name = (
-            Path(cfg.responses).stem if cfg.responses else "-".join(Path(cfg.checkpoint).resolve().parts[-2:])
-        )
-        cfg.out = str(Path("eval") / name)
-    metrics = _evaluate(cfg)
+    from gptforge.pipeline.evaluate import evaluate_checkpoint, evaluate_responses_file, output_dir
+
+    cfg.out = str(output_dir(cfg))
+    metrics = (evaluate_responses_file if cfg.responses else evaluate_checkpoint)(cfg)
     _print_summary(metrics, Path(cfg.out))
     return 0
 

@@ -47,7 +47,7 @@ def model_card(
         ("parameters", f"{model.num_parameters():,}"),
     ]
     if cfg.num_labels:
-        labels = cfg.id2label or {i: f"LABEL_{i}" for i in range(cfg.num_labels)}
+        labels = cfg.labels()
         rows.append(("labels", ", ".join(f"{i}={labels[i]}" for i in sorted(labels))))
     lines = [
         "---",

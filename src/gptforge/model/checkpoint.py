@@ -60,8 +60,7 @@ def save_checkpoint(
         model.cfg.save(tmp / CONFIG)
         write_json(tmp / "tokenizer.json", {"name": "gpt2"})
         if model.cfg.num_labels:
-            id2label = model.cfg.id2label or {i: f"LABEL_{i}" for i in range(model.cfg.num_labels)}
-            write_json(tmp / "labels.json", {"id2label": {str(k): v for k, v in id2label.items()}})
+            write_json(tmp / "labels.json", {"id2label": {str(k): v for k, v in model.cfg.labels().items()}})
         for name, obj in (metadata or {}).items():
             write_json(tmp / name, obj)
 

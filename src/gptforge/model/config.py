@@ -11,6 +11,12 @@ from gptforge.errors import ConfigError
 from gptforge.schema import from_dict
 
 ACTIVATIONS = ("gelu_new", "gelu")
+IGNORE_INDEX = -100  # a target the loss skips (padding, masked prompt tokens); PyTorch's and HF's default
+
+
+def default_id2label(num_labels: int) -> dict[int, str]:
+    """Class names for a classifier saved without any: LABEL_0, LABEL_1, ... (as transformers names them)."""
+    return {i: f"LABEL_{i}" for i in range(num_labels)}
 
 
 @dataclass
@@ -43,6 +49,10 @@ class GPTConfig:
     @property
     def hidden_dim(self) -> int:
         return self.mlp_dim if self.mlp_dim is not None else 4 * self.emb_dim
+
+    def labels(self) -> dict[int, str]:
+        """Class id -> name: the saved names, else LABEL_i; empty for a language model."""
+        return dict(self.id2label or default_id2label(self.num_labels))
 
     def validate(self) -> None:
         for name in ("vocab_size", "context_length", "emb_dim", "n_layers", "n_heads"):

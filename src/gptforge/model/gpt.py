@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gptforge.model.config import GPTConfig
+from gptforge.model.config import IGNORE_INDEX, GPTConfig
 from gptforge.model.perf import fused_linear_cross_entropy
 
 # Up to this many rows (tokens in the batch), CPU inference computes x @ W.T as (W @ x.T).T: measured on
@@ -273,7 +273,7 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         reduction: str = "mean",
     ) -> torch.Tensor:
-        """Logits; with `targets` (already shifted; -100 ignored) the cross-entropy loss instead."""
+        """Logits; with `targets` (already shifted; IGNORE_INDEX ignored) the cross-entropy loss instead."""
         h = self.hidden_states(input_ids, attention_mask, position_ids, cache)
         if self.score is not None:
             logits = self.score(self.pool(h, attention_mask))
@@ -288,7 +288,7 @@ class GPT(nn.Module):
 def lm_loss(
     h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
 ) -> torch.Tensor:
-    """Next-token cross-entropy of hidden states `h` against `targets` (-100 ignored).
+    """Next-token cross-entropy of hidden states `h` against `targets` (IGNORE_INDEX ignored).
 
     Computed a slice of tokens at a time (`perf.fused_linear_cross_entropy`): the full fp32 logits of a
     50k vocabulary never exist, which saves memory and time; values and gradients equal the plain form.
@@ -298,11 +298,14 @@ def lm_loss(
         # passes, which beats tracing the sliced loop; the fused path is for eager mode.
         logits = F.linear(h, weight).float()
         return F.cross_entropy(
-            logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction=reduction
+            logits.view(-1, logits.shape[-1]),
+            targets.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction=reduction,
         )
     if reduction != "none" and not torch.compiler.is_compiling():
         # Positions without a target (padding, masked prompts, sampled-out targets) skip the vocab head.
-        keep = targets.reshape(-1) != -100
+        keep = targets.reshape(-1) != IGNORE_INDEX
         if not bool(keep.all()):
             h, targets = h.reshape(-1, h.shape[-1])[keep], targets.reshape(-1)[keep]
     return fused_linear_cross_entropy(h, weight, targets, reduction=reduction)

@@ -21,7 +21,7 @@ import torch
 
 from gptforge.errors import ConfigError, ConversionError
 from gptforge.io import record_read
-from gptforge.model.config import GPTConfig
+from gptforge.model.config import GPTConfig, default_id2label
 from gptforge.model.gpt import GPT
 
 # gptforge name -> HF name (relative to GPT2Model for the body; heads are top level), and whether the
@@ -135,7 +135,7 @@ def config_from_hf(hf_config: Any, *, classifier: bool | None = None) -> GPTConf
                 f"config num_labels={num_labels}: regression heads are not supported; use 2 or more classes"
             )
         if sorted(id2label) != list(range(num_labels)):
-            id2label = {i: f"LABEL_{i}" for i in range(num_labels)}
+            id2label = default_id2label(num_labels)
     try:
         return GPTConfig(
             vocab_size=int(get("vocab_size")),
@@ -184,7 +184,7 @@ def config_to_hf(cfg: GPTConfig):
     if not cfg.qkv_bias:
         kwargs[QKV_BIAS_FLAG] = False
     if cfg.num_labels:
-        id2label = cfg.id2label or {i: f"LABEL_{i}" for i in range(cfg.num_labels)}
+        id2label = cfg.labels()
         kwargs["id2label"] = dict(id2label)
         kwargs["label2id"] = {v: k for k, v in id2label.items()}
         kwargs["architectures"] = ["GPT2ForSequenceClassification"]

@@ -309,8 +309,7 @@ def base_fingerprint(model: GPT) -> str:
 
 
 def _labels(cfg: GPTConfig) -> dict[str, str]:
-    id2label = cfg.id2label or {i: f"LABEL_{i}" for i in range(cfg.num_labels)}
-    return {str(k): v for k, v in id2label.items()}
+    return {str(k): v for k, v in cfg.labels().items()}
 
 
 def save_adapter(

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from gptforge.model.config import IGNORE_INDEX
+
 # Most elements in one slice of logits (fp32): 2**25 is 128 MB (667 tokens of a 50k vocabulary): few
 # slices, so the weight gradient is accumulated few times. Rows are split evenly: batch 8 x 256 makes
 # four slices of 512 tokens (one 103 MB buffer, against 1.2 GB for full logits, softmax and gradient).
@@ -126,7 +127,7 @@ def fused_linear_cross_entropy(
     reduction: str = "mean",
     chunk_elements: int = CHUNK_ELEMENTS,
 ) -> torch.Tensor:
-    """Cross-entropy of logits `h @ weight.T` (fp32 softmax; -100 ignored) without materialising them all.
+    """Cross-entropy of logits `h @ weight.T` (fp32 softmax; IGNORE_INDEX ignored) without materialising them all.
 
     Same value and gradients as `F.cross_entropy(F.linear(h, weight).float(), targets)` up to fp32 rounding.
     `reduction="none"` needs every per-token loss and falls back to that plain form.

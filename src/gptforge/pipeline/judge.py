@@ -16,18 +16,20 @@ import json
 import os
 import re
 import string
+import sys
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
-from gptforge.errors import ConfigError
+from gptforge.errors import ConfigError, GPTForgeError
 from gptforge.schema import from_dict
+from gptforge.tasks.instruct import alpaca_instruction
 
 BACKENDS = ("ollama", "openai")
 DEFAULT_URLS = {"ollama": "http://localhost:11434", "openai": "http://localhost:8000/v1"}
@@ -41,18 +43,6 @@ DEFAULT_TEMPLATE = (
     "Respond with the integer number only."
 )
 TEMPLATE_FIELDS = ("prompt", "instruction", "input", "output", "model_response")
-
-
-def reference_format_input(entry: dict) -> str:
-    """The reference's Alpaca prompt (instruction and optional input, no response header)."""
-    text = (
-        "Below is an instruction that describes a task. "
-        "Write a response that appropriately completes the request."
-        f"\n\n### Instruction:\n{entry.get('instruction', '')}"
-    )
-    if entry.get("input"):
-        text += f"\n\n### Input:\n{entry['input']}"
-    return text
 
 
 @dataclass
@@ -298,7 +288,7 @@ def call_with_retries(
 # -- judging a set of records ---------------------------------------------------------------------
 def build_prompt(entry: dict, template: str = DEFAULT_TEMPLATE, response_key: str = "model_response") -> str:
     fields = {
-        "prompt": reference_format_input(entry),
+        "prompt": alpaca_instruction(entry),
         "instruction": entry.get("instruction", ""),
         "input": entry.get("input", ""),
         "output": entry.get("output", ""),
@@ -371,25 +361,44 @@ def judge_records(
 
 
 def summarize_judgments(judgments: Sequence[dict], cfg: JudgeConfig | None = None) -> dict:
+    """Counts by status, the mean over the scored ones, and the most common cause of the failed ones."""
     scores = [j["score"] for j in judgments if j["status"] == "ok"]
+    errors = Counter(j["error"] for j in judgments if j["status"] == "failed")
     summary = {
         "n_total": len(judgments),
         "n_scored": len(scores),
         "n_unparseable": sum(j["status"] == "unparseable" for j in judgments),
         "n_failed": sum(j["status"] == "failed" for j in judgments),
         "mean_score": (sum(scores) / len(scores)) if scores else None,
+        "error": errors.most_common(1)[0][0] if errors else None,
     }
-    summary["mean"], summary["n"] = summary["mean_score"], summary["n_scored"]  # short names for summaries
     if cfg is not None:
         summary["config"] = cfg.to_dict()
     return summary
 
 
-def write_judgments(path: str | os.PathLike, judgments: Sequence[dict]) -> None:
-    """judgments.jsonl, one judgment a line, written to a temp file and renamed."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for j in judgments:
-            f.write(json.dumps(j, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+class JudgeError(GPTForgeError):
+    """No judgment came back: the judge server cannot be reached or refuses every request."""
+
+
+def check_judgments(summary: dict, judgments_file: str | os.PathLike) -> None:
+    """Name failed requests and their cause on stderr; raise `JudgeError` when every one failed.
+
+    A judge that answered nothing must not pass for an evaluation that ran: its mean would be silently
+    missing. `judgments_file` (already written) holds each request's error.
+    """
+    n_failed, n_total = summary["n_failed"], summary["n_total"]
+    if not n_failed:
+        return
+    url = (summary.get("config") or {}).get("url", "the judge")
+    cause = summary.get("error") or "unknown error"
+    if n_failed < n_total:
+        print(
+            f"judge: {n_failed} of {n_total} requests to {url} failed: {cause} (see {judgments_file})",
+            file=sys.stderr,
+        )
+        return
+    raise JudgeError(
+        f"judge at {url}: all {n_total} requests failed: {cause}; is the judge server running there? "
+        f"start it or set --judge.url (judge.url in a pipeline file); each error is in {judgments_file}"
+    )

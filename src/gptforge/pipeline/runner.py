@@ -297,42 +297,43 @@ def _key_metrics(metrics: dict) -> dict:
 
 
 def _run_evaluate(pipe: Pipeline, cfg: Any) -> tuple[str, dict, dict]:
+    from gptforge.pipeline.config import EvaluateConfig
     from gptforge.pipeline.evaluate import evaluate_checkpoint
 
-    data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if v is not None}
+    shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(EvaluateConfig)}
     metrics, outputs = {}, {}
     for model_stage in _upstream_models(pipe, "evaluate"):
         fault_point("evaluate")
         out = pipe.stage_dir("evaluate") / model_stage
-        # adapter onto today's signature; evaluate_checkpoint will take the config itself
-        m = evaluate_checkpoint(
-            model_stage,
-            final_checkpoint(pipe, model_stage),
-            out,
-            data=data,
-            judge=cfg.judge,
-            splits=cfg.splits,
-            batch_size=cfg.batch_size,
-            max_new_tokens=cfg.max_new_tokens,
-            device=cfg.device,
-            use_stemmer=cfg.use_stemmer,
-            progress=cfg.progress,
+        one = EvaluateConfig(
+            **{
+                **shared,
+                "checkpoint": str(final_checkpoint(pipe, model_stage)),
+                "out": str(out),
+                "task": model_stage,
+            }
         )
+        m = evaluate_checkpoint(one)
         metrics[model_stage] = summarize_evaluation(m)
         outputs[model_stage] = str(out)
     return "done", metrics, outputs
 
 
+SPLIT_PREFIX = {"validation": "val"}  # flat metric keys name the validation split as the trainer does
+
+
 def summarize_evaluation(m: dict) -> dict:
-    """The headline numbers of an evaluation's metrics.json."""
+    """The headline numbers of an evaluation's metrics.json, flat as the trainer writes them:
+    `<split>_<metric>` with `val` for the validation split (`val_accuracy`, `test_loss`, ...)."""
     out: dict[str, Any] = {}
     for split, sm in (m.get("splits") or {}).items():
+        prefix = SPLIT_PREFIX.get(split, split)
         for key in ("accuracy", "macro_f1", "loss", "perplexity", "rouge_l_f1", "exact_match"):
             if isinstance(sm, dict) and isinstance(sm.get(key), (int, float)):
-                out[f"{split}_{key}"] = sm[key]
+                out[f"{prefix}_{key}"] = sm[key]
     judge = m.get("judge") or {}
-    if isinstance(judge, dict) and judge.get("mean") is not None:
-        out["judge_mean"], out["judge_n"] = judge["mean"], judge.get("n")
+    if isinstance(judge, dict) and judge.get("mean_score") is not None:
+        out["judge_mean_score"], out["judge_n_scored"] = judge["mean_score"], judge.get("n_scored")
     return out
 
 
@@ -609,8 +610,8 @@ def run_pipeline(
 # -- summary ---------------------------------------------------------------------------------------
 
 HEADLINE = {
-    "pretrain": ("val_loss", "val_ppl"),
-    "classify": ("train_acc", "val_acc", "test_acc"),
+    "pretrain": ("val_loss", "val_perplexity"),
+    "classify": ("train_accuracy", "val_accuracy", "test_accuracy"),
     "instruct": ("val_loss", "test_loss"),
 }
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from gptforge.errors import ConfigError
-from gptforge.model.config import GPTConfig
+from gptforge.model.config import IGNORE_INDEX, GPTConfig
 from gptforge.model.gpt import GPT
 from gptforge.model.load import is_model_dir, load_model
 from gptforge.model.lora import apply_lora, count_parameters
@@ -58,15 +58,6 @@ def _check_context(name: str, length: int, model: GPT) -> int:
     return length
 
 
-def _limit(dsd, n: int | None):
-    """The first `n` examples of every split (quick runs and tests)."""
-    from datasets import DatasetDict
-
-    if n is None:
-        return dsd
-    return DatasetDict({k: v.select(range(min(n, len(v)))) for k, v in dsd.items()})
-
-
 def _run_config(task: str, cfg: Any, model: GPT) -> dict:
     return {"task": task, **to_dict(cfg), "model_config": model.cfg.to_dict()}
 
@@ -76,7 +67,7 @@ def _run_config(task: str, cfg: Any, model: GPT) -> dict:
 
 def run_pretrain(cfg: PretrainConfig) -> RunResult:
     """Next-token training on packed text; reports validation loss and perplexity."""
-    from gptforge.tasks.pretrain import PretrainCollator, load_corpus
+    from gptforge.tasks import pretrain
 
     validate(cfg)
     trainer = Trainer(cfg.train, kind="lm")
@@ -86,14 +77,14 @@ def run_pretrain(cfg: PretrainConfig) -> RunResult:
     d = cfg.data
     ctx = _check_context("data.context_length", d.context_length or model.cfg.context_length, model)
     with trainer.main_process_first():
-        dsd = load_corpus(d.sources, context_length=ctx, stride=d.stride, val_fraction=d.val_fraction)
+        dsd = pretrain.load_splits(d, context_length=ctx)
     return trainer.fit(
         model,
         dsd["train"],
-        PretrainCollator(target_fraction=d.target_fraction),
+        pretrain.PretrainCollator(target_fraction=d.target_fraction),
         dsd["validation"] if "validation" in dsd else None,
         run_config=_run_config("pretrain", cfg, model),
-        eval_collate_fn=PretrainCollator(),
+        eval_collate_fn=pretrain.PretrainCollator(),
     )
 
 
@@ -121,30 +112,20 @@ def set_trainable(model: GPT, policy: str) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def load_classification(cfg: ClassifyConfig):
-    """(DatasetDict with text/label, label names) for the configured data set."""
-    from gptforge.tasks import classify
-
-    d = cfg.data
-    if d.dataset == "sms_spam":
-        dsd = classify.load_sms_spam(split=d.split, seed=cfg.train.seed)
-        names = list(dsd["train"].features["label"].names)
-    else:
-        dsd, names = classify.load_classification_data(
-            d.dataset, text_column=d.text_column, label_column=d.label_column, seed=cfg.train.seed
-        )
-    return _limit(dsd, d.limit), names
-
-
 def run_classify(cfg: ClassifyConfig) -> RunResult:
     """Add a classification head and finetune by the `trainable` policy; reports train/val/test accuracy."""
-    from gptforge.tasks.classify import ClassificationCollator, longest_length, tokenize_classification
+    from gptforge.tasks.classify import (
+        ClassificationCollator,
+        load_splits,
+        longest_length,
+        tokenize_classification,
+    )
 
     validate(cfg)
     trainer = Trainer(cfg.train, kind="classify")
     model = build_model(cfg.model)
     with trainer.main_process_first():
-        dsd, names = load_classification(cfg)
+        dsd, names = load_splits(cfg.data, seed=cfg.train.seed)
         limit = cfg.data.max_length or model.cfg.context_length
         _check_context("data.max_length", limit, model)
         tok = tokenize_classification(dsd, max_length=limit)
@@ -179,7 +160,7 @@ def run_instruct(cfg: InstructConfig) -> RunResult:
     from gptforge.tasks.instruct import (
         InstructionCollator,
         get_prompt_style,
-        load_instruction_data,
+        load_splits,
         tokenize_instruction,
     )
 
@@ -195,23 +176,13 @@ def run_instruct(cfg: InstructConfig) -> RunResult:
     if cfg.lora.enabled:
         apply_lora(model, cfg.lora)
     max_len = _check_context("data.max_length", d.max_length or model.cfg.context_length, model)
-    columns = {
-        src: dst
-        for src, dst in (
-            (d.instruction_column, "instruction"),
-            (d.input_column, "input"),
-            (d.output_column, "output"),
-        )
-        if src != dst
-    }
     with trainer.main_process_first():
-        path = None if d.dataset == "instruction" else d.dataset
-        dsd = _limit(load_instruction_data(path, columns=columns or None, seed=cfg.train.seed), d.limit)
+        dsd = load_splits(d, seed=cfg.train.seed)
         tok = tokenize_instruction(dsd, style, max_length=max_len)
         tok = tok.select_columns(["input_ids", "prompt_length"])
     collate = InstructionCollator(
         pad_token_id=model.cfg.eos_token_id,
-        ignore_index=-100,
+        ignore_index=IGNORE_INDEX,
         allowed_max_length=max_len,
         mask_prompt=d.mask_prompt,
     )

@@ -41,6 +41,7 @@ from gptforge.errors import ConfigError, TrainingError
 from gptforge.io import atomic_dir, fault_point, write_json
 from gptforge.machine import cpu_has_native_bf16, keep_freed_memory, release_freed_memory
 from gptforge.model.checkpoint import save_checkpoint
+from gptforge.model.config import IGNORE_INDEX
 from gptforge.model.gpt import GPT
 from gptforge.model.lora import describe_trainable, lora_config, save_adapter
 from gptforge.pipeline.config import TrainConfig
@@ -296,7 +297,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
 class Trainer:
     """Trains a GPT on map-style datasets whose collated batches hold `input_ids` and `targets`.
 
-    `kind="lm"`: `targets` are next-token ids (B, T) with -100 ignored; `kind="classify"`: class ids (B,)
+    `kind="lm"`: `targets` are next-token ids (B, T) with IGNORE_INDEX ignored; `kind="classify"`: class ids (B,)
     and an `attention_mask`. Create the Trainer first (it seeds everything and owns the Accelerator),
     prepare data inside `trainer.main_process_first()`, build the model, then call `fit`.
     """
@@ -330,7 +331,7 @@ class Trainer:
     def count_targets(self, batch: dict) -> torch.Tensor:
         """How many terms `compute_loss` summed: non-ignored target tokens, or examples."""
         t = batch["targets"]
-        return t.numel() if self.kind == "classify" else (t != -100).sum()
+        return t.numel() if self.kind == "classify" else (t != IGNORE_INDEX).sum()
 
     def example_stats(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         """Per-example sums for evaluation, (B,) each, so `gather_for_metrics` can drop duplicates."""
@@ -340,7 +341,7 @@ class Trainer:
             loss = F.cross_entropy(logits, y, reduction="none")
             return {"loss": loss, "count": torch.ones_like(loss), "correct": (logits.argmax(-1) == y).float()}
         loss = model(x, attention_mask=mask, targets=y, reduction="none").view(y.shape[0], -1)
-        return {"loss": loss.sum(1), "count": (y != -100).sum(1).float()}
+        return {"loss": loss.sum(1), "count": (y != IGNORE_INDEX).sum(1).float()}
 
     # -- public API -----------------------------------------------------------------------------------
     def main_process_first(self):
@@ -610,9 +611,9 @@ class Trainer:
         n = max(sums.get("count", 0.0), 1.0)
         out = {"loss": sums.get("loss", float("nan")) / n}
         if self.kind == "classify":
-            out["acc"] = sums.get("correct", 0.0) / n
+            out["accuracy"] = sums.get("correct", 0.0) / n
         else:
-            out["ppl"] = math.exp(min(out["loss"], 700.0))
+            out["perplexity"] = math.exp(min(out["loss"], 700.0))
         return out
 
     def _eval_and_log(self, state: TrainState, epoch: int) -> None:

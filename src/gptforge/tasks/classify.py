@@ -12,13 +12,14 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from gptforge.errors import DataError
 from gptforge.model.tokenizer import EOT_ID
 from gptforge.tasks.sources import check_utf8, column_values, load_any, map_fingerprint, resolve
+from gptforge.tasks.splits import first_n
 
 log = logging.getLogger(__name__)
 
@@ -320,6 +321,42 @@ def load_classification_data(
         dsd = split_stratified(ds, fractions, seed=seed)
     log.info("%s: %s rows, labels %s", path, {k: len(v) for k, v in dsd.items()}, names)
     return dsd, names
+
+
+class ClassifyData(Protocol):
+    """The data fields `load_splits` reads (`pipeline.config.ClassifyDataConfig` has them)."""
+
+    dataset: str
+    split: str
+    text_column: str
+    label_column: str
+    limit: int | None
+
+
+def load_splits(data: ClassifyData, seed: int, labels: Sequence[str] | None = None):
+    """(train/validation/test `DatasetDict`, label names): the one way training and evaluation read a
+    classification data set, so an evaluation scores exactly the examples training held out.
+
+    `labels` (a trained model's class names) fixes the label ids of a custom file; the SMS set must
+    have as many classes. `data.limit` keeps the first N examples of each split.
+    """
+    if data.dataset == "sms_spam":
+        dsd = load_sms_spam(split=data.split, seed=seed)
+        names = list(dsd["train"].features["label"].names)
+        if labels is not None and len(labels) != len(names):
+            raise DataError(
+                f"sms_spam has labels {names} but the model has {list(labels)}; evaluate it on its own "
+                "data with --data FILE"
+            )
+    else:
+        dsd, names = load_classification_data(
+            data.dataset,
+            text_column=data.text_column,
+            label_column=data.label_column,
+            labels=labels,
+            seed=seed,
+        )
+    return first_n(dsd, data.limit), list(labels) if labels is not None else names
 
 
 def _complete_splits(parts: dict, fractions, seed: int, balance: bool):

@@ -10,13 +10,15 @@ import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from gptforge.errors import DataError
+from gptforge.model.config import IGNORE_INDEX
 from gptforge.model.tokenizer import EOT, EOT_ID
 from gptforge.tasks.sources import column_values, map_fingerprint, read_json_records, resolve
+from gptforge.tasks.splits import first_n
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +55,19 @@ class PromptStyle:
 ALPACA_PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 
 
-def _alpaca(record: Mapping[str, Any]) -> str:
+def alpaca_instruction(record: Mapping[str, Any]) -> str:
+    """The Alpaca preamble, instruction and optional input, without the response header.
+
+    The reference's `format_input`: what the alpaca style prompts with, and what its judge is shown.
+    """
     text = f"{ALPACA_PREAMBLE}\n\n### Instruction:\n{_field(record, 'instruction')}"
     if _field(record, "input"):
         text += f"\n\n### Input:\n{_field(record, 'input')}"
-    return text + "\n\n### Response:\n"
+    return text
+
+
+def _alpaca(record: Mapping[str, Any]) -> str:
+    return alpaca_instruction(record) + "\n\n### Response:\n"
 
 
 def _phi3(record: Mapping[str, Any]) -> str:
@@ -157,6 +167,35 @@ def load_instruction_data(
     return DatasetDict(parts)
 
 
+class InstructData(Protocol):
+    """The data fields `load_splits` reads (`pipeline.config.InstructDataConfig` has them)."""
+
+    dataset: str
+    instruction_column: str
+    input_column: str
+    output_column: str
+    limit: int | None
+
+
+def load_splits(data: InstructData, seed: int):
+    """train/validation/test records: the one way training and evaluation read instruction data.
+
+    `dataset` "instruction" is the book's file; the column fields map a file's names to
+    instruction/input/output; `data.limit` keeps the first N records of each split.
+    """
+    columns = {
+        src: dst
+        for src, dst in (
+            (data.instruction_column, "instruction"),
+            (data.input_column, "input"),
+            (data.output_column, "output"),
+        )
+        if src != dst
+    }
+    path = None if data.dataset == "instruction" else data.dataset
+    return first_n(load_instruction_data(path, columns=columns or None, seed=seed), data.limit)
+
+
 def tokenize_instruction(
     dsd, style: str | PromptStyle, max_length: int | None = None, return_truncated: bool = False
 ):
@@ -236,7 +275,7 @@ class InstructionCollator:
     def __init__(
         self,
         pad_token_id: int = EOT_ID,
-        ignore_index: int = -100,
+        ignore_index: int = IGNORE_INDEX,
         allowed_max_length: int | None = None,
         mask_prompt: bool = False,
     ) -> None:

@@ -20,6 +20,7 @@ import torch
 
 from gptforge.errors import DataError
 from gptforge.io import record_read
+from gptforge.model.config import IGNORE_INDEX
 from gptforge.model.tokenizer import EOT_ID
 from gptforge.tasks.sources import REGISTRY, check_utf8, is_saved_dataset, load_any, quiet_datasets, resolve
 
@@ -283,10 +284,27 @@ def load_corpus(
     return DatasetDict(out)
 
 
+def load_splits(data: Any, context_length: int, test_sources: Sequence[Any] | None = None):
+    """train/validation blocks of `data.sources` (and a `test` split packed from held-out
+    `test_sources`): the one way training and evaluation read a pretraining corpus.
+
+    `data` has the fields of `pipeline.config.PretrainDataConfig` (sources, stride, val_fraction).
+    """
+    from datasets import DatasetDict
+
+    dsd = load_corpus(
+        data.sources, context_length=context_length, stride=data.stride, val_fraction=data.val_fraction
+    )
+    if test_sources:
+        test = load_corpus(list(test_sources), context_length=context_length, val_fraction=0.0)["train"]
+        dsd = DatasetDict({**dsd, "test": test})
+    return dsd
+
+
 class PretrainCollator:
     """Stack blocks of context_length + 1 tokens into `input_ids` = block[:-1] and `targets` = block[1:].
 
-    `target_fraction` < 1 keeps each target with that probability (the rest become -100, drawn from
+    `target_fraction` < 1 keeps each target with that probability (the rest become IGNORE_INDEX, drawn from
     torch's seeded RNG). Every position still reads its whole context, but only the kept ones pay for the
     vocabulary head, which dominates a small GPT-2's cost: the loss stays an unbiased estimate of the full
     next-token loss at a fraction of the compute. Evaluate with the default collator (all targets).
@@ -307,5 +325,5 @@ class PretrainCollator:
         batch = torch.stack(rows).long()
         targets = batch[:, 1:].contiguous()
         if self.target_fraction < 1.0:
-            targets = targets.masked_fill(torch.rand(targets.shape) >= self.target_fraction, -100)
+            targets = targets.masked_fill(torch.rand(targets.shape) >= self.target_fraction, IGNORE_INDEX)
         return {"input_ids": batch[:, :-1].contiguous(), "targets": targets}
