@@ -127,7 +127,7 @@ def test_bad_corpora(tmp_path, data_env):
     with pytest.raises(DataError, match=r"latin\.txt: line 2 \(byte 6\) is not valid UTF-8"):
         load_corpus(tmp_path / "latin.txt", cache_dir=tmp_path / "c")
     (tmp_path / "t.jsonl").write_text('{"text": "a"}\n{"text": null}\n', encoding="utf-8")
-    with pytest.raises(DataError, match=r"t\.jsonl: row 2 has no text in 'text'"):
+    with pytest.raises(DataError, match=r"t\.jsonl: line 2 has no text in 'text'"):
         load_corpus(tmp_path / "t.jsonl", cache_dir=tmp_path / "c")
     with pytest.raises(DataError, match=r"no column 'content' \(columns: \['text'\]\)"):
         load_corpus(tmp_path / "t.jsonl", text_column="content", cache_dir=tmp_path / "c")

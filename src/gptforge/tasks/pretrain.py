@@ -20,7 +20,16 @@ import torch
 
 from gptforge.errors import DataError
 from gptforge.model.tokenizer import EOT_ID
-from gptforge.tasks.sources import REGISTRY, check_utf8, is_saved_dataset, load_any, quiet_datasets, resolve
+from gptforge.tasks.sources import (
+    REGISTRY,
+    check_utf8,
+    is_saved_dataset,
+    load_any,
+    not_text,
+    quiet_datasets,
+    resolve,
+    row_place,
+)
 
 log = logging.getLogger(__name__)
 
@@ -104,23 +113,29 @@ def _documents(source: Any, text_column: str, cache_dir: str | None):
         if len(ds) > 1:
             log.info("%s: using split %r of %s", where, split, list(ds))
         ds = ds[split]
+    # The CLI reads a table's `text` column (there is no data.text_column for pretraining).
+    hint = (
+        "rename the column that holds the text to 'text' (a table in data.sources is read by its 'text' column)"
+        if text_column == "text"
+        else "set text_column to the column that holds the text"
+    )
     if text_column not in ds.column_names:
-        raise DataError(f"{where}: no column {text_column!r} (columns: {ds.column_names}); pass text_column=")
+        raise DataError(f"{where}: no column {text_column!r} (columns: {ds.column_names}); {hint}")
     ds = ds.select_columns([text_column])
     if text_column != "text":
         ds = ds.rename_column(text_column, "text")
-    from datasets import Value
-
-    if ds.features["text"] not in (Value("string"), Value("large_string")):
+    holds = not_text(ds.features["text"])
+    if holds and not holds.startswith("null"):
         raise DataError(
-            f"{where}: column {text_column!r} holds {ds.features['text']}, not text; pass text_column="
+            f"{where}: column {text_column!r} holds {holds}, not text; {hint}, or store the texts as strings"
         )
     col = ds.with_format("arrow")[:]["text"] if ds._indices is not None else ds.data.column("text")
     if col.null_count:
         import pyarrow.compute as pc
 
         first = pc.index(pc.is_null(col), True).as_py()
-        raise DataError(f"{where}: row {first + 1} has no text in {text_column!r}; fill it or remove the row")
+        at = row_place(source, first) if isinstance(source, str) else f"row {first + 1}"
+        raise DataError(f"{where}: {at} has no text in {text_column!r}; fill it or remove the row")
     return ds
 
 
