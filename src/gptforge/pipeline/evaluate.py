@@ -914,7 +914,11 @@ def _evaluate_pretrain(
     ctx = min(cfg.get("context_length") or model.cfg.context_length, model.cfg.context_length)
     dsd = dict(
         load_corpus(
-            srcs, context_length=ctx, stride=cfg.get("stride"), val_fraction=cfg.get("val_fraction") or 0.1
+            srcs,
+            context_length=ctx,
+            stride=cfg.get("stride"),
+            val_fraction=cfg.get("val_fraction") or 0.1,
+            seed=cfg.get("seed", 123),  # the training run's split: validation it never trained on
         )
     )
     if cfg.get("test_sources"):
@@ -938,6 +942,12 @@ def _evaluate_pretrain(
 
             loader = tqdm(loader, desc=f"loss {split}", unit="batch")
         results[split] = {**lm_metrics(model, loader, device), "blocks": len(ds), "context_length": ctx}
+        names = getattr(ds.features.get("source"), "names", None)  # several sources: each one's loss too
+        for g, name in enumerate(names or []):
+            sub = ds.select([i for i, s in enumerate(ds["source"]) if s == g])
+            if len(sub):
+                sub_loader = DataLoader(sub, batch_size=batch_size, collate_fn=PretrainCollator())
+                results[f"{split}/{name}"] = {**lm_metrics(model, sub_loader, device), "blocks": len(sub)}
     source.update(data=",".join(map(str, srcs)))
     loss_png = Path(ckpt_dir) / "loss.png"
     return write_lm_report(

@@ -86,7 +86,9 @@ def run_pretrain(cfg: PretrainConfig) -> RunResult:
     d = cfg.data
     ctx = _check_context("data.context_length", d.context_length or model.cfg.context_length, model)
     with trainer.main_process_first():
-        dsd = load_corpus(d.sources, context_length=ctx, stride=d.stride, val_fraction=d.val_fraction)
+        dsd = load_corpus(
+            d.sources, context_length=ctx, stride=d.stride, val_fraction=d.val_fraction, seed=cfg.train.seed
+        )
     return trainer.fit(
         model,
         dsd["train"],
