@@ -296,9 +296,7 @@ def verify_file_manifest(directory: str | os.PathLike, required: bool = True, de
     try:
         files = json.loads(mf.read_text(encoding="utf-8"))["files"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(
-            f"{mf}: unreadable integrity manifest ({e}); the directory is damaged"
-        ) from None
+        raise CheckpointError(f"{mf}: unreadable integrity manifest ({e}); the directory is damaged") from None
     for rel, rec in files.items():
         f = d / rel
         if not f.is_file():
