@@ -553,7 +553,7 @@ def load_any(
             shape = {"csv": "a header line (e.g. text,label) and one row per example", "parquet": "rows"}
             need = shape.get(kind, "a header line (e.g. text<TAB>label) and one row per example")
             if kind == "json":
-                need = _json_shape(p).replace("{...}", '{"text": ..., "label": ...}')
+                need = _json_shape(p)
             raise DataError(f"{p}: the file is empty (0 bytes); it needs {need}")
         if kind == "json":
             return datasets.Dataset.from_list(read_json_records(p))
