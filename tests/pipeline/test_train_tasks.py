@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from gptforge.model.checkpoint import load_checkpoint, read_metadata
 from gptforge.model.config import GPTConfig
 from gptforge.model.gpt import GPT
-from gptforge.pipeline.config import load_config
+from gptforge.pipeline.config import EvaluateConfig, load_config
 from gptforge.pipeline.train import run_classify, run_instruct, run_pretrain, set_trainable
 from gptforge.pipeline.trainer import FINAL, read_metrics
 
@@ -257,3 +257,58 @@ def test_set_trainable_policies(policy, trainable):
             k.split(".")[0] if k.startswith(("score", "ln_f")) else ".".join(k.split(".")[:2]) for k in names
         } == set(trainable)
     assert n == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_pretrain_reports_validation_loss_per_source(tmp_path):
+    """Two sources: validation holds blocks of both; each one's loss is logged beside the overall one,
+    and their token-weighted mean is the overall loss. `gptforge evaluate` on the checkpoint draws the
+    same validation blocks (the run's seed) and reports the same per-source losses."""
+    from gptforge.pipeline.evaluate import evaluate_checkpoint
+    from gptforge.tasks.pretrain import load_corpus
+
+    a, b = tmp_path / "big.txt", tmp_path / "small.txt"
+    a.write_text(" ".join(f"alpha{i}" for i in range(900)), encoding="utf-8")
+    b.write_text(" ".join(f"beta{i}" for i in range(300)), encoding="utf-8")
+    out = tmp_path / "run"
+    cfg = load_config(
+        "pretrain",
+        **common(out),
+        **{
+            "model.preset": "test-tiny",
+            "data.sources": [str(a), str(b)],
+            "data.context_length": 16,
+            "train.batch_size": 4,
+            "train.max_steps": 4,
+            "train.eval_every": 2,
+        },
+    )
+    res = run_pretrain(cfg)
+    val = load_corpus([a, b], context_length=16, val_fraction=0.1, seed=3)["validation"]
+    src = val["source"][:]
+    weights = {str(a): 16 * src.count(0), str(b): 16 * src.count(1)}  # every target scored
+    assert weights == {str(a): 11 * 16, str(b): 4 * 16}
+    records = [r for r in read_metrics(out / "metrics.jsonl") if "val_loss" in r]
+    assert [r["step"] for r in records] == [2, 4, 4] and records[-1]["final"]
+    for r in records:
+        per = {name: r[f"val_loss/{name}"] for name in weights}
+        mean = sum(per[n] * w for n, w in weights.items()) / sum(weights.values())
+        assert abs(mean - r["val_loss"]) < 1e-6
+        assert per[str(a)] != per[str(b)]
+        assert r[f"val_perplexity/{a}"] == pytest.approx(math.exp(per[str(a)]))
+    ev = evaluate_checkpoint(
+        EvaluateConfig(
+            checkpoint=str(res.checkpoint),
+            out=str(tmp_path / "eval"),
+            task="pretrain",
+            batch_size=5,
+            progress=False,
+        )
+    )
+    splits = ev["splits"]
+    assert splits["validation"]["blocks"] == 15
+    for name, w in weights.items():
+        assert splits[f"validation/{name}"]["tokens"] == w
+        assert splits[f"validation/{name}"]["loss"] == pytest.approx(
+            res.metrics[f"val_loss/{name}"], rel=1e-5
+        )
+    assert splits["validation"]["loss"] == pytest.approx(res.metrics["val_loss"], rel=1e-5)

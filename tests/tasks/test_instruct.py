@@ -155,14 +155,19 @@ def test_columns_mapping_and_missing_input(tmp_path):
 @pytest.mark.parametrize(
     ("name", "content", "kwargs", "message"),
     [
-        ("a.json", [{"instruction": "x", "input": ""}], {}, r"a\.json: record 0 has no field 'output'"),
+        (
+            "a.json",
+            [{"instruction": "x", "input": ""}],
+            {},
+            r"a\.json: record 1 has no field 'output'; add it, or set --data\.output_column",
+        ),
         ("b.json", [{"q": "x", "output": "y"}], {"columns": {"q": "instruction"}}, None),
-        ("c.json", [{"q": "x"}], {"columns": {"q": "instruction"}}, r"record 0 has no field 'output'"),
+        ("c.json", [{"q": "x"}], {"columns": {"q": "instruction"}}, r"record 1 has no field 'output'"),
         (
             "d.json",
             [{"instruction": "", "output": "y"}],
             {},
-            r"record 0 field 'instruction' must be a non-empty string",
+            r"record 1 field 'instruction' must be a non-empty string",
         ),
         ("e.json", [{"instruction": "x", "input": 3, "output": "y"}], {}, r"field 'input' must be a string"),
         ("f.json", '[{"instruction": "x" "output": "y"}]', {}, r"f\.json: line 1 column 22: Expecting ','"),

@@ -127,7 +127,7 @@ def test_bad_corpora(tmp_path, data_env):
     with pytest.raises(DataError, match=r"latin\.txt: line 2 \(byte 6\) is not valid UTF-8"):
         load_corpus(tmp_path / "latin.txt", cache_dir=tmp_path / "c")
     (tmp_path / "t.jsonl").write_text('{"text": "a"}\n{"text": null}\n', encoding="utf-8")
-    with pytest.raises(DataError, match=r"t\.jsonl: row 2 has no text in 'text'"):
+    with pytest.raises(DataError, match=r"t\.jsonl: line 2 has no text in 'text'"):
         load_corpus(tmp_path / "t.jsonl", cache_dir=tmp_path / "c")
     with pytest.raises(DataError, match=r"no column 'content' \(columns: \['text'\]\)"):
         load_corpus(tmp_path / "t.jsonl", text_column="content", cache_dir=tmp_path / "c")
@@ -183,3 +183,67 @@ def test_derived_corpora_hold_no_test_text(shared_data_dir, monkeypatch):
     assert len(ins) == 935
     assert ins[0]["text"].startswith("Below is an instruction that describes a task.")
     assert "\n\n### Response:\n" in ins[0]["text"]
+
+
+def _two_sources(tmp_path):
+    """Two text files of different sizes, every stretch of tokens unique (numbered words)."""
+    a, b = tmp_path / "big.txt", tmp_path / "small.txt"
+    a.write_text(" ".join(f"alpha{i}" for i in range(900)), encoding="utf-8")
+    b.write_text(" ".join(f"beta{i}" for i in range(300)), encoding="utf-8")
+    tok = Tokenizer()
+    ta, tb = tok.encode(a.read_text()), tok.encode(b.read_text())
+    return a, b, ta + [EOT_ID], tb
+
+
+def test_validation_comes_from_every_source_in_proportion(tmp_path):
+    from gptforge.tasks.pretrain import validation_quota
+
+    a, b, ta, tb = _two_sources(tmp_path)
+    stream = ta + tb
+    ctx = 16
+    dsd = load_corpus([a, b], context_length=ctx, val_fraction=0.1, seed=7, cache_dir=tmp_path / "c")
+    n_blocks = (len(stream) - ctx - 1) // ctx + 1
+    n_val = int(n_blocks * 0.1)
+    assert (len(ta), len(tb), n_blocks, n_val) == (1921, 600, 157, 15)
+    # 15 blocks shared by tokens: 15 * 1921 / 2521 = 11.43 and 3.57 -> 11 + 3, the last to the larger
+    # remainder; 120 and 36 blocks lie wholly inside each source (the one across the boundary only trains)
+    assert validation_quota([len(ta), len(tb)], n_val, [120, 36]) == [11, 4]
+    assert validation_quota([1000, 10], 5, [60, 1]) == [5, 1]  # every source with a block gets one
+    assert validation_quota([1000, 10], 5, [60, 0]) == [5, 0]
+    val = dsd["validation"]
+    names = val.features["source"].names
+    assert names == [str(a), str(b)]
+    src = val["source"][:]
+    assert (src.count(0), src.count(1)) == (11, 4) and len(val) == 15
+    # every block where the stream says it is, inside its own source; train and validation disjoint
+    where = {tuple(stream[s : s + ctx + 1]): s for s in range(0, len(stream) - ctx, ctx)}
+    vstarts = [where[tuple(x)] for x in _blocks(val).tolist()]
+    tstarts = [where[tuple(x)] for x in _blocks(dsd["train"]).tolist()]
+    for s, g in zip(vstarts, src):
+        assert (s + ctx + 1 <= len(ta)) if g == 0 else (s >= len(ta))
+    assert not set(vstarts) & set(tstarts)
+    assert len(tstarts) == n_blocks - n_val  # stride = context: neighbours share one token, none left out
+    assert min(abs(t - v) for t in tstarts for v in vstarts) >= ctx
+    # drawn at random positions (not the tail), interleaved so any prefix holds both sources
+    a_starts = [s for s, g in zip(vstarts, src) if g == 0]
+    assert max(a_starts) - min(a_starts) > len(ta) // 2
+    assert set(src[:5]) == {0, 1}
+    # seeded: the same seed gives the same blocks, another seed others (same counts)
+    again = load_corpus([a, b], context_length=ctx, val_fraction=0.1, seed=7, cache_dir=tmp_path / "c")
+    assert (_blocks(again["validation"]) == _blocks(val)).all()
+    other = load_corpus([a, b], context_length=ctx, val_fraction=0.1, seed=8, cache_dir=tmp_path / "c")
+    assert other["validation"]["source"][:].count(0) == 11
+    assert not (_blocks(other["validation"]) == _blocks(val)).all()
+
+
+def test_overlapping_blocks_never_straddle_train_and_validation(tmp_path):
+    a, b, ta, tb = _two_sources(tmp_path)
+    stream, ctx, stride = ta + tb, 16, 8
+    dsd = load_corpus([a, b], context_length=ctx, stride=stride, val_fraction=0.1, cache_dir=tmp_path / "c")
+    where = {tuple(stream[s : s + ctx + 1]): s for s in range(0, len(stream) - ctx, stride)}
+    vstarts = [where[tuple(x)] for x in _blocks(dsd["validation"]).tolist()]
+    tstarts = [where[tuple(x)] for x in _blocks(dsd["train"]).tolist()]
+    assert min(abs(t - v) for t in tstarts for v in vstarts) >= ctx  # at most the one shared token
+    n_blocks = (len(stream) - ctx - 1) // stride + 1
+    assert len(vstarts) == int(n_blocks * 0.1) and len(tstarts) < n_blocks - len(vstarts)
+    assert set(dsd["validation"]["source"][:]) == {0, 1}

@@ -186,7 +186,7 @@ def test_check_utf8_names_the_line(tmp_path):
         ("b.jsonl", '{"a": 1}\n{"a": 2\n', r"b\.jsonl: line 2 column 8"),
         ("c.jsonl", '{"a": 1}\n[1, 2]\n', r"c\.jsonl: line 2 is not a JSON object"),
         ("d.json", '{"a": 1}', r"d\.json: the top level is a dict, expected a list"),
-        ("e.json", '[{"a": 1}, 3]', r"e\.json: record 1 is a int"),
+        ("e.json", '[{"a": 1}, 3]', r"e\.json: record 2 is a number, expected an object"),
         ("f.json", "[]", r"f\.json: no records"),
         (
             "g.json",

@@ -77,7 +77,7 @@ def run_pretrain(cfg: PretrainConfig) -> RunResult:
     d = cfg.data
     ctx = _check_context("data.context_length", d.context_length or model.cfg.context_length, model)
     with trainer.main_process_first():
-        dsd = pretrain.load_splits(d, context_length=ctx)
+        dsd = pretrain.load_splits(d, context_length=ctx, seed=cfg.train.seed)
     return trainer.fit(
         model,
         dsd["train"],

@@ -379,6 +379,7 @@ class Trainer:
         train_loader = self._loader(train_dataset, collate_fn, shuffle=True, drop_last=cfg.drop_last)
         eval_collate = eval_collate_fn or collate_fn  # e.g. every target scored, where training samples them
         val_loader = self._loader(val_dataset, eval_collate) if val_dataset is not None else None
+        self.val_sources = source_names_of(val_dataset)  # per-source validation loss, when it has sources
         if self.is_main:
             print(describe_trainable(model), file=sys.stderr)
         optimizer = make_optimizer(model, cfg)
@@ -594,8 +595,14 @@ class Trainer:
         )
 
     @torch.no_grad()
-    def evaluate(self, loader, max_batches: int | None = None) -> dict[str, float]:
-        """Mean loss (and accuracy for classifiers) over `loader`, exact across processes."""
+    def evaluate(
+        self, loader, max_batches: int | None = None, sources: list[str] | None = None
+    ) -> dict[str, float]:
+        """Mean loss (and accuracy for classifiers) over `loader`, exact across processes.
+
+        With `sources` (names for the ids in a batch's `source`), also `loss/<name>` and `perplexity/<name>`:
+        each source's mean over its own target tokens, so their token-weighted mean is `loss`.
+        """
         acc, model = self.accelerator, self.model
         was_training = model.training
         model.eval()
@@ -603,9 +610,18 @@ class Trainer:
         for i, batch in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break
-            stats = acc.gather_for_metrics(self.example_stats(model, batch))
+            stats = self.example_stats(model, batch)
+            if sources and "source" in batch:
+                stats["source"] = batch["source"]
+            stats = acc.gather_for_metrics(stats)
+            group = stats.pop("source", None)
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + float(v.double().sum())
+            if group is not None:
+                for g in group.unique().tolist():
+                    for k in ("loss", "count"):
+                        key = f"{k}/{sources[g]}"
+                        sums[key] = sums.get(key, 0.0) + float(stats[k][group == g].double().sum())
         _end_iteration(loader)
         model.train(was_training)
         n = max(sums.get("count", 0.0), 1.0)
@@ -614,10 +630,14 @@ class Trainer:
             out["accuracy"] = sums.get("correct", 0.0) / n
         else:
             out["perplexity"] = math.exp(min(out["loss"], 700.0))
+        for name in sources or []:
+            if sums.get(f"count/{name}"):
+                out[f"loss/{name}"] = sums[f"loss/{name}"] / sums[f"count/{name}"]
+                out[f"perplexity/{name}"] = math.exp(min(out[f"loss/{name}"], 700.0))
         return out
 
     def _eval_and_log(self, state: TrainState, epoch: int) -> None:
-        res = self.evaluate(self.val_loader, self.cfg.eval_batches)
+        res = self.evaluate(self.val_loader, self.cfg.eval_batches, self.val_sources)
         state.last_val_loss, state.last_val_step = res["loss"], state.step
         self._log({"step": state.step, "epoch": epoch, **{f"val_{k}": v for k, v in res.items()}})
 
@@ -724,7 +744,7 @@ class Trainer:
         acc = self.accelerator
         metrics: dict[str, Any] = {"status": "completed", "step": state.step, "tokens": state.tokens_seen}
         if self.val_loader is not None:
-            res = self.evaluate(self.val_loader)
+            res = self.evaluate(self.val_loader, sources=self.val_sources)
             metrics.update({f"val_{k}": v for k, v in res.items()})
         for split, ds in (final_eval or {}).items():
             if split == "val" and self.val_loader is not None:
@@ -802,6 +822,12 @@ class Trainer:
             atomic_dir(out, write)
         self.accelerator.wait_for_everyone()
         return out
+
+
+def source_names_of(dataset) -> list[str] | None:
+    """The names of a dataset's `source` ClassLabel column (pretraining validation from several sources)."""
+    feature = (getattr(dataset, "features", None) or {}).get("source")
+    return list(feature.names) if hasattr(feature, "names") else None
 
 
 def _end_iteration(loader) -> None:

@@ -7,10 +7,12 @@ Every split is a `datasets.DatasetDict` with `train`/`validation`/`test` and col
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -18,7 +20,15 @@ import torch
 
 from gptforge.errors import DataError
 from gptforge.model.tokenizer import EOT_ID
-from gptforge.tasks.sources import check_utf8, column_values, load_any, map_fingerprint, resolve
+from gptforge.tasks.sources import (
+    check_utf8,
+    column_values,
+    load_any,
+    map_fingerprint,
+    not_text,
+    resolve,
+    row_place,
+)
 from gptforge.tasks.splits import first_n
 
 log = logging.getLogger(__name__)
@@ -196,11 +206,23 @@ def split_stratified(
 # --------------------------------------------------------------------------------- any labeled data set
 
 
-def _label_ids(values: list, where: str, labels: Sequence[str] | None) -> tuple[list[int], list[str]]:
-    """Map raw label values (strings or integers) to class ids and names."""
+def _rows(i: int) -> str:
+    return f"row {i + 1}"
+
+
+COLUMN_HINT = {
+    "text": "set --data.text_column (data.text_column in YAML) to the column that holds the text",
+    "label": "set --data.label_column (data.label_column in YAML) to the column that holds the class",
+}
+
+
+def _label_ids(
+    values: list, where: str, labels: Sequence[str] | None, place: Callable[[int], str] = _rows
+) -> tuple[list[int], list[str]]:
+    """Map raw label values (strings or integers) to class ids and names; `place(i)` names row i."""
     for i, v in enumerate(values):
         if v is None or (isinstance(v, float) and math.isnan(v)):
-            raise DataError(f"{where}: row {i + 1} has no label; fill it in or remove the row")
+            raise DataError(f"{where}: {place(i)} has no label; fill it in or remove the row")
     as_int = all(isinstance(v, int) and not isinstance(v, bool) for v in values) or all(
         isinstance(v, float) and v.is_integer() for v in values
     )
@@ -209,7 +231,7 @@ def _label_ids(values: list, where: str, labels: Sequence[str] | None) -> tuple[
     elif any(isinstance(v, float) for v in values):
         bad = next(i for i, v in enumerate(values) if isinstance(v, float) and not v.is_integer())
         raise DataError(
-            f"{where}: row {bad + 1} label {values[bad]!r} is not a class; use strings or integers"
+            f"{where}: {place(bad)} label {values[bad]!r} is not a class; use strings or integers"
         )
     else:
         values = [str(v) for v in values]
@@ -218,13 +240,13 @@ def _label_ids(values: list, where: str, labels: Sequence[str] | None) -> tuple[
         if as_int:
             for i, v in enumerate(values):
                 if not 0 <= v < len(names):
-                    raise DataError(f"{where}: row {i + 1} label {v} is not an index into labels={names}")
+                    raise DataError(f"{where}: {place(i)} label {v} is not an index into labels={names}")
             ids = list(values)
         else:
             index = {n: k for k, n in enumerate(names)}
             for i, v in enumerate(values):
                 if v not in index:
-                    raise DataError(f"{where}: row {i + 1} label {v!r} is not one of labels={names}; add it")
+                    raise DataError(f"{where}: {place(i)} label {v!r} is not one of labels={names}; add it")
             ids = [index[v] for v in values]
     else:
         uniq = sorted(set(values))
@@ -234,23 +256,46 @@ def _label_ids(values: list, where: str, labels: Sequence[str] | None) -> tuple[
     return ids, names
 
 
-def _to_classification(ds, where: str, text_column: str, label_column: str, labels):
-    """A `Dataset` with exactly `text` and `label` (ClassLabel), checked row by row."""
-    from datasets import ClassLabel, Dataset
+def _missing_column(where: str, col: str, role: str, columns: list[str]) -> DataError:
+    return DataError(f"{where}: no column {col!r} (columns: {columns}); {COLUMN_HINT[role]}")
 
-    for col in (text_column, label_column):
-        if col not in ds.column_names:
-            raise DataError(
-                f"{where}: no column {col!r} (columns: {ds.column_names}); pass text_column=/label_column="
-            )
-    if len(ds) == 0:
-        raise DataError(f"{where}: no rows; the data set is empty")
-    texts = column_values(ds, text_column)
+
+def check_text_column(ds, where: str, column: str, hint: str, place: Callable[[int], str] = _rows) -> list:
+    """The column's values, refused unless every row holds non-empty text.
+
+    A column of another type (integers in a Parquet file, numbers pandas inferred in a CSV) is named
+    as such: it is most often the wrong column, and "empty or missing" would send the user looking for
+    blank cells that are not there.
+    """
+    texts = column_values(ds, column)
+    holds = not_text(ds.features[column])
+    first = next((t for t in texts if t is not None), None) if holds else None
+    if first is not None:
+        raise DataError(
+            f"{where}: column {column!r} holds {holds}, e.g. {first!r}, not text; {hint}, "
+            "or store the texts as strings"
+        )
     for i, t in enumerate(texts):
         if not isinstance(t, str) or not t.strip():
             raise DataError(
-                f"{where}: row {i + 1} has an empty or missing {text_column!r}; fill it or remove it"
+                f"{where}: {place(i)} has an empty or missing {column!r}; fill it or remove the row"
             )
+    return texts
+
+
+def _to_classification(
+    ds, where: str, text_column: str, label_column: str, labels, place: Callable[[int], str] = _rows
+):
+    """A `Dataset` with exactly `text` and `label` (ClassLabel), checked row by row; `place(i)` says
+    where row i is in the user's file (its line, record or row)."""
+    from datasets import ClassLabel, Dataset
+
+    for col, role in ((text_column, "text"), (label_column, "label")):
+        if col not in ds.column_names:
+            raise _missing_column(where, col, role, ds.column_names)
+    if len(ds) == 0:
+        raise DataError(f"{where}: no rows; the data set is empty")
+    texts = check_text_column(ds, where, text_column, COLUMN_HINT["text"], place)
     feat = ds.features[label_column]
     if isinstance(feat, ClassLabel) and labels is None:
         ids, names = column_values(ds, label_column), list(feat.names)
@@ -258,7 +303,7 @@ def _to_classification(ds, where: str, text_column: str, label_column: str, labe
         raw = column_values(ds, label_column)
         if isinstance(feat, ClassLabel):
             raw = [feat.int2str(x) for x in raw]
-        ids, names = _label_ids(raw, where, labels)
+        ids, names = _label_ids(raw, where, labels, place)
     present = sorted(set(ids))
     if len(present) < 2:
         raise DataError(
@@ -298,24 +343,35 @@ def load_classification_data(
         # One label vocabulary across splits: convert them together, then cut them apart again.
         cols = [text_column, label_column]
         for s in present:
-            missing = [c for c in cols if c not in src[s].column_names]
-            if missing:
-                raise DataError(
-                    f"{path} [{s}]: no column {missing[0]!r} (columns: {src[s].column_names}); "
-                    "pass text_column=/label_column="
-                )
+            for col, role in zip(cols, ("text", "label")):
+                if col not in src[s].column_names:
+                    raise _missing_column(f"{path} [{s}]", col, role, src[s].column_names)
         try:
             joined = concatenate_datasets([src[s].select_columns(cols) for s in present])
         except ValueError as e:
             raise DataError(f"{path}: splits {present} have different column types: {e}") from None
-        ds, names = _to_classification(joined, str(path), text_column, label_column, labels)
+        bounds = list(itertools.accumulate(len(src[s]) for s in present))
+
+        def place(i: int) -> str:
+            k = bisect.bisect_right(bounds, i)
+            return f"split {present[k]!r} row {i - (bounds[k - 1] if k else 0) + 1}"
+
+        ds, names = _to_classification(joined, str(path), text_column, label_column, labels, place)
         parts, start = {}, 0
         for s in present:
             parts[s] = ds.select(range(start, start + len(src[s])))
             start += len(src[s])
         dsd = _complete_splits(parts, fractions, seed, balance)
     else:
-        ds, names = _to_classification(src, str(path), text_column, label_column, labels)
+        names_given = list(column_names) if column_names else None
+        ds, names = _to_classification(
+            src,
+            str(path),
+            text_column,
+            label_column,
+            labels,
+            lambda i: row_place(path, i, column_names=names_given),
+        )
         if balance:
             ds = balance_classes(ds, seed=seed)
         dsd = split_stratified(ds, fractions, seed=seed)

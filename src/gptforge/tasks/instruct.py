@@ -17,7 +17,7 @@ import torch
 from gptforge.errors import DataError
 from gptforge.model.config import IGNORE_INDEX
 from gptforge.model.tokenizer import EOT, EOT_ID
-from gptforge.tasks.sources import column_values, map_fingerprint, read_json_records, resolve
+from gptforge.tasks.sources import column_values, map_fingerprint, read_json_records, resolve, row_place
 from gptforge.tasks.splits import first_n
 
 log = logging.getLogger(__name__)
@@ -136,12 +136,16 @@ def load_instruction_data(
         for key in ("instruction", "output"):
             src = next((k for k, v in rename.items() if v == key), key)
             if key not in row or row[key] is None:
-                raise DataError(f"{file}: record {i} has no field {src!r}; add it or map it with columns=")
+                raise DataError(
+                    f"{file}: {row_place(file, i)} has no field {src!r}; add it, or set --data.{key}_column "
+                    f"(data.{key}_column in YAML) to the field that holds it (fields: {sorted(rec)})"
+                )
             if not isinstance(row[key], str) or not row[key].strip():
-                raise DataError(f"{file}: record {i} field {src!r} must be a non-empty string")
+                raise DataError(f"{file}: {row_place(file, i)} field {src!r} must be a non-empty string")
         inp = row.get("input")
         if inp is not None and not isinstance(inp, str):
-            raise DataError(f"{file}: record {i} field 'input' must be a string (or absent)")
+            src = next((k for k, v in rename.items() if v == "input"), "input")
+            raise DataError(f"{file}: {row_place(file, i)} field {src!r} must be a string (or absent)")
         row["input"] = inp or ""
         rows.append(row)
     tr, te = float(fractions[0]), float(fractions[1])

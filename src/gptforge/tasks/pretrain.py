@@ -3,7 +3,7 @@
 Documents (text files, rows of a table or `datasets` data set) are tokenized with tiktoken inside
 `Dataset.map`, joined by <|endoftext|>, and cut into blocks of `context_length + 1` tokens every `stride`
 tokens (the reference's sliding window), so one block gives both inputs (block[:-1]) and targets
-(block[1:]). The last blocks are the validation split.
+(block[1:]). Validation is the tail of one source, or drawn from every source in proportion.
 """
 
 from __future__ import annotations
@@ -22,7 +22,16 @@ from gptforge.errors import DataError
 from gptforge.io import record_read
 from gptforge.model.config import IGNORE_INDEX
 from gptforge.model.tokenizer import EOT_ID
-from gptforge.tasks.sources import REGISTRY, check_utf8, is_saved_dataset, load_any, quiet_datasets, resolve
+from gptforge.tasks.sources import (
+    REGISTRY,
+    check_utf8,
+    is_saved_dataset,
+    load_any,
+    not_text,
+    quiet_datasets,
+    resolve,
+    row_place,
+)
 
 log = logging.getLogger(__name__)
 
@@ -109,23 +118,29 @@ def _documents(source: Any, text_column: str, cache_dir: str | None):
         if len(ds) > 1:
             log.info("%s: using split %r of %s", where, split, list(ds))
         ds = ds[split]
+    # The CLI reads a table's `text` column (there is no data.text_column for pretraining).
+    hint = (
+        "rename the column that holds the text to 'text' (a table in data.sources is read by its 'text' column)"
+        if text_column == "text"
+        else "set text_column to the column that holds the text"
+    )
     if text_column not in ds.column_names:
-        raise DataError(f"{where}: no column {text_column!r} (columns: {ds.column_names}); pass text_column=")
+        raise DataError(f"{where}: no column {text_column!r} (columns: {ds.column_names}); {hint}")
     ds = ds.select_columns([text_column])
     if text_column != "text":
         ds = ds.rename_column(text_column, "text")
-    from datasets import Value
-
-    if ds.features["text"] not in (Value("string"), Value("large_string")):
+    holds = not_text(ds.features["text"])
+    if holds and not holds.startswith("null"):
         raise DataError(
-            f"{where}: column {text_column!r} holds {ds.features['text']}, not text; pass text_column="
+            f"{where}: column {text_column!r} holds {holds}, not text; {hint}, or store the texts as strings"
         )
     col = ds.with_format("arrow")[:]["text"] if ds._indices is not None else ds.data.column("text")
     if col.null_count:
         import pyarrow.compute as pc
 
         first = pc.index(pc.is_null(col), True).as_py()
-        raise DataError(f"{where}: row {first + 1} has no text in {text_column!r}; fill it or remove the row")
+        at = row_place(source, first) if isinstance(source, str) else f"row {first + 1}"
+        raise DataError(f"{where}: {at} has no text in {text_column!r}; fill it or remove the row")
     return ds
 
 
@@ -162,6 +177,7 @@ def load_corpus(
     val_fraction: float = 0.1,
     num_proc: int = 1,
     cache_dir: str | os.PathLike | None = None,
+    seed: int = 123,
 ):
     """Train/validation `DatasetDict` of packed blocks (`input_ids`, context_length + 1 tokens each).
 
@@ -169,8 +185,14 @@ def load_corpus(
     tables (CSV/JSON/JSONL/Parquet) or `datasets` data sets (saved folder or hub id) with `text_column`.
     Each file or row is one document. `stride` defaults to `context_length` (blocks share one token).
     Tokens and blocks are cached under `cache_dir` (default: the `datasets` cache) by a fingerprint of
-    the sources and settings, so a second call reuses them. Validation is the last `val_fraction` of
-    blocks; a train block that would overlap it by more than the shared token is left out (and logged).
+    the sources and settings, so a second call reuses them.
+
+    Validation: one source gives the reference's split, the last `val_fraction` of blocks. Several
+    sources each give validation blocks in proportion to their tokens (at least one each), drawn at
+    seeded random positions (`seed`) among the blocks that lie wholly inside that source, so the
+    validation loss covers every source instead of the tail of the last; its `source` column (a
+    ClassLabel of the source names) lets the trainer report the loss per source. Either way a train
+    block that would overlap validation by more than the one shared token is left out (and logged).
     """
     import datasets
     from datasets import Dataset, DatasetDict, Features, Value
@@ -193,6 +215,7 @@ def load_corpus(
 
     docs = [_documents(s if not isinstance(s, os.PathLike) else str(s), text_column, cache) for s in srcs]
     fp_docs = Hasher.hash([d._fingerprint for d in docs])
+    doc_bounds = np.cumsum([0] + [len(d) for d in docs])  # documents of source i: [b[i], b[i + 1])
     docs = docs[0] if len(docs) == 1 else datasets.concatenate_datasets(docs)
     if len(docs) == 0:
         raise DataError(f"{srcs}: no documents; the corpus is empty")
@@ -251,6 +274,10 @@ def load_corpus(
                 "(add text, lower context_length, or set val_fraction=0)"
             )
         n_val = max(1, int(n_blocks * val_fraction))
+    if len(srcs) > 1 and n_val:
+        return _split_by_source(
+            blocks, srcs, offsets[doc_bounds], n_val, context_length, stride, seed, len(docs), n_total
+        )
     v0 = (n_blocks - n_val) * stride  # first validation token
     # Train blocks [s, s + context_length] may share their last token with validation, no more.
     n_train = n_blocks - n_val
@@ -284,21 +311,111 @@ def load_corpus(
     return DatasetDict(out)
 
 
-def load_splits(data: Any, context_length: int, test_sources: Sequence[Any] | None = None):
+def load_splits(data: Any, context_length: int, test_sources: Sequence[Any] | None = None, seed: int = 123):
     """train/validation blocks of `data.sources` (and a `test` split packed from held-out
     `test_sources`): the one way training and evaluation read a pretraining corpus.
 
-    `data` has the fields of `pipeline.config.PretrainDataConfig` (sources, stride, val_fraction).
+    `data` has the fields of `pipeline.config.PretrainDataConfig` (sources, stride, val_fraction); `seed`
+    (the run's train.seed) draws the validation blocks of several sources, so evaluation scores exactly
+    the blocks training held out.
     """
     from datasets import DatasetDict
 
     dsd = load_corpus(
-        data.sources, context_length=context_length, stride=data.stride, val_fraction=data.val_fraction
+        data.sources,
+        context_length=context_length,
+        stride=data.stride,
+        val_fraction=data.val_fraction,
+        seed=seed,
     )
     if test_sources:
         test = load_corpus(list(test_sources), context_length=context_length, val_fraction=0.0)["train"]
         dsd = DatasetDict({**dsd, "test": test})
     return dsd
+
+
+def source_names(sources: Sequence[Any]) -> list[str]:
+    """A unique, readable name per source (what per-source validation losses are keyed by)."""
+    names: list[str] = []
+    for i, s in enumerate(sources):
+        name = str(s) if isinstance(s, (str, os.PathLike)) else f"dataset {i}"
+        names.append(name if name not in names else f"{name}#{i}")
+    return names
+
+
+def validation_quota(tokens: Sequence[int], n_val: int, available: Sequence[int]) -> list[int]:
+    """Validation blocks per source: `n_val` shared in proportion to the tokens (largest remainder,
+    ties to the earlier source), at least one for every source that has a block, at most what it has."""
+    total = float(sum(tokens))
+    exact = [n_val * t / total for t in tokens]
+    quota = [int(e) for e in exact]
+    for i in sorted(range(len(tokens)), key=lambda i: (-(exact[i] - quota[i]), i))[: n_val - sum(quota)]:
+        quota[i] += 1
+    return [min(max(q, 1 if a else 0), a) for q, a in zip(quota, available)]
+
+
+def _split_by_source(blocks, srcs, token_bounds, n_val, context_length, stride, seed, n_docs, n_total):
+    """Validation drawn from every source in proportion (see `load_corpus`); train is the rest."""
+    from datasets import ClassLabel, DatasetDict
+
+    names = source_names(srcs)
+    n_blocks, block = len(blocks), context_length + 1
+    starts = np.arange(n_blocks, dtype=np.int64) * stride
+    lo, hi = np.asarray(token_bounds[:-1]), np.asarray(token_bounds[1:])
+    # a block belongs to source i when all its tokens are that source's (boundary blocks only train)
+    owner = np.searchsorted(hi, starts, side="right")
+    inside = (owner < len(names)) & (starts + block <= hi[np.minimum(owner, len(names) - 1)])
+    cands = [np.flatnonzero(inside & (owner == i)) for i in range(len(names))]
+    quota = validation_quota((hi - lo).tolist(), n_val, [len(c) for c in cands])
+    rng = np.random.default_rng(seed)
+    chosen = [np.sort(rng.choice(c, q, replace=False)) if q else c[:0] for c, q in zip(cands, quota)]
+    for name, c in zip(names, cands):
+        if not len(c):
+            log.warning(
+                "%s has fewer tokens than one block of %d; it gives no validation blocks", name, block
+            )
+    # Interleave: any prefix of the validation set (train.eval_batches) holds every source in proportion.
+    key = np.concatenate([(np.arange(len(c)) + 0.5) / max(len(c), 1) for c in chosen])
+    src_id = np.concatenate([np.full(len(c), i) for i, c in enumerate(chosen)])
+    val_idx = np.concatenate(chosen)
+    order = np.lexsort((src_id, key))
+    val_idx, src_id = val_idx[order], src_id[order]
+    # Train: every other block that shares at most one token with a validation block.
+    vs = np.sort(starts[val_idx])
+    rest = np.setdiff1d(np.arange(n_blocks), val_idx)
+    pos = np.searchsorted(vs, starts[rest])
+    gap = np.full(len(rest), np.iinfo(np.int64).max)
+    for j in (pos - 1, pos):
+        ok = (j >= 0) & (j < len(vs))
+        gap[ok] = np.minimum(gap[ok], np.abs(starts[rest][ok] - vs[j[ok]]))
+    train_idx = rest[gap >= context_length]
+    if not len(train_idx):
+        raise DataError(
+            f"{srcs}: {n_blocks} blocks leave no train block that does not overlap validation; "
+            "add text, raise stride or lower val_fraction"
+        )
+    left_out = len(rest) - len(train_idx)
+    per = ", ".join(f"{n} {int((src_id == i).sum())}" for i, n in enumerate(names))
+    log.info(
+        "corpus: %d documents from %d sources, %d tokens -> %d blocks of %d (stride %d): %d train, "
+        "%d validation (%s; seed %d)%s",
+        n_docs,
+        len(names),
+        n_total,
+        n_blocks,
+        block,
+        stride,
+        len(train_idx),
+        len(val_idx),
+        per,
+        seed,
+        f"; {left_out} train blocks overlapping validation left out" if left_out else "",
+    )
+    if left_out:
+        log.warning("%d train blocks that overlap the validation blocks were left out", left_out)
+    val = blocks.select(val_idx.tolist()).flatten_indices()
+    val = val.add_column("source", src_id.tolist(), feature=ClassLabel(names=names))
+    return DatasetDict({"train": blocks.select(train_idx.tolist()), "validation": val})
 
 
 class PretrainCollator:
@@ -326,4 +443,7 @@ class PretrainCollator:
         targets = batch[:, 1:].contiguous()
         if self.target_fraction < 1.0:
             targets = targets.masked_fill(torch.rand(targets.shape) >= self.target_fraction, IGNORE_INDEX)
-        return {"input_ids": batch[:, :-1].contiguous(), "targets": targets}
+        out = {"input_ids": batch[:, :-1].contiguous(), "targets": targets}
+        if items and isinstance(items[0], dict) and "source" in items[0]:  # per-source validation loss
+            out["source"] = torch.as_tensor([int(it["source"]) for it in items])
+        return out

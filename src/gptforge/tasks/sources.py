@@ -20,7 +20,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -280,10 +280,35 @@ def _extract(zip_path: Path, member: str, out: Path, url: str) -> Path:
     return out
 
 
+def _no_duplicate_keys(where: str):
+    """An `object_pairs_hook` that refuses an object naming a key twice (json keeps the last one silently)."""
+
+    def hook(pairs: list[tuple[str, Any]]) -> dict:
+        out: dict = {}
+        for k, v in pairs:
+            if k in out:
+                raise DataError(
+                    f"{where} has the key {k!r} twice; keep one (json would silently drop the first)"
+                )
+            out[k] = v
+        return out
+
+    return hook
+
+
+def _jsonl_lines(text: str):
+    """(line number, line) of each non-blank line, split on newlines only (as an editor counts them;
+    `str.splitlines` would also split inside a string holding U+2028)."""
+    for i, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            yield i, line
+
+
 def read_json_records(path: str | os.PathLike) -> list[dict]:
     """Records from a JSON array file or a JSON Lines file, with errors that name the line.
 
-    Python's json reader is used (not arrow's) because its errors carry line and column numbers.
+    Python's json reader is used (not arrow's) because its errors carry line and column numbers. A record
+    of a JSON array is named by its 1-based position ("record 3"), a JSON Lines record by its line.
     """
     import json
 
@@ -293,20 +318,20 @@ def read_json_records(path: str | os.PathLike) -> list[dict]:
     record_read(p, "data file")
     check_utf8(p)
     text = p.read_text(encoding="utf-8")
+    if not text.strip():
+        raise DataError(f"{p}: the file is empty; add records ({_json_shape(p)})")
     records: list = []
     if p.suffix.lower() in (".jsonl", ".ndjson"):
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
+        for i, line in _jsonl_lines(text):
             try:
-                records.append(json.loads(line))
+                records.append(json.loads(line, object_pairs_hook=_no_duplicate_keys(f"{p}: line {i}")))
             except json.JSONDecodeError as e:
                 raise DataError(f"{p}: line {i} column {e.colno}: {e.msg}; fix that JSON line") from None
             if not isinstance(records[-1], dict):
                 raise DataError(f"{p}: line {i} is not a JSON object; each line must be {{...}}")
     else:
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_no_duplicate_keys(f"{p}: a record"))
         except json.JSONDecodeError as e:
             hint = " (one object per line? name the file .jsonl)" if e.msg == "Extra data" else ""
             raise DataError(f"{p}: line {e.lineno} column {e.colno}: {e.msg}{hint}; fix the JSON") from None
@@ -314,13 +339,25 @@ def read_json_records(path: str | os.PathLike) -> list[dict]:
             raise DataError(
                 f"{p}: the top level is a {type(data).__name__}, expected a list of records [{{...}}]"
             )
-        for i, rec in enumerate(data):
+        for i, rec in enumerate(data, 1):
             if not isinstance(rec, dict):
-                raise DataError(f"{p}: record {i} is a {type(rec).__name__}, expected an object {{...}}")
+                raise DataError(f"{p}: record {i} is {_json_type(rec)}, expected an object {{...}}")
         records = data
     if not records:
         raise DataError(f"{p}: no records; the data set is empty")
     return records
+
+
+def _json_type(value: Any) -> str:
+    """A JSON value's kind as JSON names it ("a number", "an array"), not as Python does."""
+    for t, name in ((bool, "true/false"), (str, "a string"), (list, "an array"), (dict, "an object")):
+        if isinstance(value, t):
+            return name
+    return "null" if value is None else "a number"
+
+
+def _json_shape(p: Path) -> str:
+    return "one {...} object per line" if p.suffix.lower() in (".jsonl", ".ndjson") else "a list [{...}, ...]"
 
 
 TABLE_SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".json": "json", ".jsonl": "json"}
@@ -339,6 +376,150 @@ def _root_cause(e: BaseException) -> str:
         if "An error occurred while generating the dataset" not in m:
             return m
     return msgs[-1] if msgs else type(seen[-1]).__name__
+
+
+def _csv_params(kind: str, quoting: int | None) -> tuple[str, int]:
+    """(separator, csv quoting) as `load_any` reads a CSV (standard quotes) or a TSV (no quote handling)."""
+    import csv
+
+    sep = "\t" if kind == "tsv" else ","
+    return sep, quoting if quoting is not None else (csv.QUOTE_NONE if kind == "tsv" else csv.QUOTE_MINIMAL)
+
+
+def _csv_raw(path: Path, sep: str, quoting: int) -> Iterator[tuple[int, list[str]]]:
+    """(first line, fields) of every record the csv module reads, blank lines included (as `[]`).
+
+    The line is where the record starts, counted as an editor does: a quoted field holding newlines
+    makes one record of several lines, and the reader's `line_num` says where it ended.
+    """
+    import csv
+
+    limit = csv.field_size_limit(2**31 - 1)  # a long text is data, not an error
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.reader(f, delimiter=sep, quoting=quoting)
+            end = 0
+            for fields in reader:
+                start, end = end + 1, reader.line_num
+                yield start, fields
+    finally:
+        csv.field_size_limit(limit)
+
+
+def _csv_records(path: Path, sep: str, quoting: int) -> Iterator[tuple[int, list[str]]]:
+    """The records pandas keeps: blank (or whitespace-only) lines are skipped."""
+    for start, fields in _csv_raw(path, sep, quoting):
+        if fields and not (len(fields) == 1 and not fields[0].strip()):
+            yield start, fields
+
+
+def check_delimited(
+    path: Path, kind: str, quoting: int | None = None, column_names: list[str] | None = None
+) -> dict:
+    """Check a CSV/TSV's shape before pandas reads it, so each problem is named where the user sees it.
+
+    Refuses an empty file, a header without rows, a column named twice (pandas would rename the second
+    `category.1` and go on) and a row with more fields than the header (pandas would silently shift
+    the columns, taking the first field as an index when the first row has one field too many). Rows
+    that end with empty extra fields (a trailing comma or tab, as some exporters write) lose nothing:
+    they are read as the header says, and the extra read options that does are returned.
+    """
+    sep, q = _csv_params(kind, quoting)
+    name, sep_word = kind.upper(), "tab" if sep == "\t" else "comma"
+    records = _csv_records(path, sep, q)
+    if column_names is None:
+        first = next(records, None)
+        if first is None:
+            size = path.stat().st_size
+            what = "empty (0 bytes)" if size == 0 else f"blank ({size} bytes of white space)"
+            raise DataError(
+                f"{path}: the file is {what}; a {name} needs a header line naming its columns "
+                f"(e.g. {'text<TAB>label' if sep == chr(9) else 'text,label'}) and one row per example below it"
+            )
+        header, where = first[1], f"the header on line {first[0]}"
+    else:
+        header, where = list(column_names), "the given column_names"
+    twice = list(dict.fromkeys(h for h in header if h and header.count(h) > 1))
+    if twice:
+        cols = ", ".join(f"{h!r} ({header.count(h)} times)" for h in twice)
+        raise DataError(
+            f"{path}: {where} names the same column more than once: {cols} in ({', '.join(header)}); "
+            "rename the copies so every column has its own name"
+        )
+    n, rows, trailing = len(header), 0, 0
+    for line, fields in records:
+        rows += 1
+        if len(fields) > n:
+            if any(f.strip() for f in fields[n:]):
+                fix = (
+                    "remove the stray tab (a TSV field cannot hold a tab)"
+                    if sep == "\t"
+                    else 'put the field that holds a comma in quotes ("a, b") or remove the extra comma'
+                )
+                raise DataError(
+                    f"{path}: cannot read as {name}: Expected {n} fields in line {line}, saw {len(fields)} "
+                    f"({where} has {n}: {', '.join(header)}); {fix}"
+                )
+            trailing += 1
+    if rows == 0:
+        raise DataError(
+            f"{path}: no rows: the file has only its header line ({', '.join(header)}); add one row per example below it"
+            if column_names is None
+            else f"{path}: no rows; the file is blank, add one row per example"
+        )
+    if trailing:
+        log.info(
+            "%s: %d of %d rows end with an empty extra field (a trailing %s); read by the header",
+            path,
+            trailing,
+            rows,
+            sep_word,
+        )
+        return {"index_col": False}
+    return {}
+
+
+def row_place(
+    path: str | os.PathLike, i: int, *, column_names: list[str] | None = None, quoting: int | None = None
+) -> str:
+    """Where the `i`-th (0-based) record of a data file is, counted as the user's editor counts:
+    "line N" in a CSV/TSV (the header is line 1; quoted newlines count) or a JSON Lines file,
+    "record N" (1-based) in a JSON array, "row N" (1-based) anywhere else. Used only to word an error."""
+    p = Path(path)
+    kind = TABLE_SUFFIXES.get(p.suffix.lower())
+    if not p.is_file():
+        return f"row {i + 1}"
+    if kind in ("csv", "tsv"):
+        sep, q = _csv_params(kind, quoting)
+        records = _csv_records(p, sep, q)
+        if column_names is None:
+            next(records, None)
+        for k, (line, _) in enumerate(records):
+            if k == i:
+                return f"line {line}"
+    elif kind == "json" and p.suffix.lower() in (".jsonl", ".ndjson"):
+        for k, (line, _) in enumerate(_jsonl_lines(p.read_text(encoding="utf-8"))):
+            if k == i:
+                return f"line {line}"
+    elif kind == "json":
+        return f"record {i + 1}"
+    return f"row {i + 1}"
+
+
+def _pandas_error(p: Path, kind: str, cause: str, quoting: int | None) -> str:
+    """A pandas/arrow read error as one line, with pandas' record count turned into the editor's line."""
+    import re
+
+    m = re.search(r"EOF inside string starting at row (\d+)", cause)
+    if m and kind in ("csv", "tsv"):
+        r = int(m.group(1))
+        line = next((s for k, (s, _) in enumerate(_csv_raw(p, *_csv_params(kind, quoting))) if k == r), None)
+        if line is not None:
+            return (
+                f"{p}: cannot read as {kind.upper()}: EOF inside string starting at line {line}: a quote "
+                'opens there and never closes; close it (a quote inside a quoted field is written "")'
+            )
+    return f"{p}: cannot read as {kind.upper()}: {cause}; fix the file"
 
 
 def is_saved_dataset(path: Path) -> bool:
@@ -379,6 +560,12 @@ def load_any(
             raise DataError(
                 f"{p}: unknown file type {p.suffix!r}; use one of {', '.join(sorted(TABLE_SUFFIXES))}"
             )
+        if p.stat().st_size == 0:
+            shape = {"csv": "a header line (e.g. text,label) and one row per example", "parquet": "rows"}
+            need = shape.get(kind, "a header line (e.g. text<TAB>label) and one row per example")
+            if kind == "json":
+                need = _json_shape(p)
+            raise DataError(f"{p}: the file is empty (0 bytes); it needs {need}")
         if kind == "json":
             return datasets.Dataset.from_list(read_json_records(p))
         kwargs: dict = {}
@@ -390,6 +577,7 @@ def load_any(
                 kwargs["quoting"] = q
             if column_names is not None:
                 kwargs |= {"column_names": list(column_names), "header": None}
+            kwargs |= check_delimited(p, kind, quoting, list(column_names) if column_names else None)
         builder = "csv" if kind in ("csv", "tsv") else kind
         with quiet_datasets():
             try:
@@ -399,9 +587,7 @@ def load_any(
             except Exception as e:  # pandas/arrow errors become one line naming the file
                 if "corresponds to no data" in _root_cause(e):
                     raise DataError(f"{p}: no rows; the data set is empty") from None
-                raise DataError(
-                    f"{p}: cannot read as {kind.upper()}: {_root_cause(e)}; fix that row"
-                ) from None
+                raise DataError(_pandas_error(p, kind, _root_cause(e), quoting)) from None
         return dsd["train"]
     if kind is not None or p.is_absolute() or str(path).startswith((".", "~")):
         raise DataError(f"{p}: no such file; fix the path")
@@ -429,6 +615,17 @@ class quiet_datasets:
         import datasets
 
         datasets.logging.set_verbosity(self._level)
+
+
+def not_text(feature) -> str | None:
+    """None for a string column, else what it holds in words ("integers (int64)"), for an error message."""
+    from datasets import Value
+
+    if feature in (Value("string"), Value("large_string")):
+        return None
+    kind = feature.dtype if isinstance(feature, Value) else type(feature).__name__
+    words = {"int": "integers", "uin": "integers", "flo": "numbers", "boo": "true/false values"}
+    return f"{words.get(kind[:3], kind + ' values')} ({kind})"
 
 
 def column_values(ds, name: str) -> list:

@@ -26,7 +26,8 @@ def evaluate_pretrain(model, cfg: EvaluateConfig, data: Any, seed: int, out: Pat
 
     ctx = min(data.context_length or model.cfg.context_length, model.cfg.context_length)
     test = source_names(cfg.data.test_sources)
-    dsd = pretrain.load_splits(data, context_length=ctx, test_sources=test or None)
+    # the training run's seed: with several sources, exactly the validation blocks it never trained on
+    dsd = pretrain.load_splits(data, context_length=ctx, test_sources=test or None, seed=seed)
     if test:
         source["test_data"] = ",".join(test)
     wanted = list(cfg.splits or [s for s in ("validation", "test") if s in dsd])
@@ -46,6 +47,14 @@ def evaluate_pretrain(model, cfg: EvaluateConfig, data: Any, seed: int, out: Pat
 
             loader = tqdm(loader, desc=f"loss {split}", unit="batch")
         results[split] = {**lm_metrics(model, loader, cfg.device), "blocks": len(ds), "context_length": ctx}
+        names = getattr(ds.features.get("source"), "names", None)  # several sources: each one's loss too
+        for g, name in enumerate(names or []):
+            sub = ds.select([i for i, s in enumerate(ds["source"]) if s == g])
+            if len(sub):
+                sub_loader = DataLoader(
+                    sub, batch_size=cfg.batch_size, collate_fn=pretrain.PretrainCollator()
+                )
+                results[f"{split}/{name}"] = {**lm_metrics(model, sub_loader, cfg.device), "blocks": len(sub)}
     source.update(data=",".join(map(str, data.sources)))
     loss_png = Path(cfg.checkpoint) / "loss.png"
     return write_lm_report(
