@@ -307,6 +307,7 @@ def _check_complete(sd: Mapping[str, torch.Tensor], cfg: GPTConfig, to_name) -> 
 # -- loading ----------------------------------------------------------------------------------------
 _SAFE, _SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 _BIN, _BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+_HF_FIX = "re-download or re-export it"
 
 
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:
@@ -332,12 +333,9 @@ class _LazySafetensors(Mapping):
 
     @staticmethod
     def _open(f: Path):
-        from safetensors import safe_open
+        from gptforge.model.checkpoint import open_safetensors
 
-        try:
-            return safe_open(str(f), framework="pt", device="cpu", backend="pread")
-        except TypeError:  # safetensors < 0.8 has no backend argument
-            return safe_open(str(f), framework="pt", device="cpu")
+        return open_safetensors(f, fix=_HF_FIX)
 
     def __getitem__(self, key: str) -> torch.Tensor:
         with self._open(self._where[key]) as h:
@@ -355,20 +353,20 @@ def read_hf_dir(path: str | os.PathLike, *, lazy: bool = False) -> tuple[dict, M
 
     lazy=True returns safetensors weights as a mapping that reads each tensor when it is looked up.
     """
-    from safetensors.torch import load_file
+    from gptforge.model.checkpoint import load_safetensors, read_json
+
+    def load_file(f: str) -> dict[str, torch.Tensor]:
+        return load_safetensors(f, fix=_HF_FIX)
 
     p = Path(path)
     if not (p / "config.json").is_file():
         raise ConversionError(f"{p}: no config.json; point at a Hugging Face model directory")
-    try:
-        config = json.loads((p / "config.json").read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{p / 'config.json'}: not valid JSON ({e})") from None
+    config = read_json(p / "config.json", _HF_FIX)
     if (p / _SAFE).is_file():
         return config, (_LazySafetensors([p / _SAFE]) if lazy else load_file(str(p / _SAFE)))
     for index, loader in ((_SAFE_INDEX, lambda f: load_file(str(f))), (_BIN_INDEX, _load_bin)):
         if (p / index).is_file():
-            weight_map = json.loads((p / index).read_text(encoding="utf-8")).get("weight_map", {})
+            weight_map = read_json(p / index, _HF_FIX).get("weight_map", {})
             shards = sorted(set(weight_map.values()))
             for shard in shards:
                 if not (p / shard).is_file():
@@ -679,6 +677,7 @@ def export(
     so a failed export leaves no trace and an existing dir is never half-overwritten.
     """
     from gptforge.io import atomic_dir, write_json
+    from gptforge.model.checkpoint import state_dict_for_save, tensor_bytes
     from gptforge.model.tokenizer import N_VOCAB
 
     out = Path(out_dir)
@@ -708,4 +707,5 @@ def export(
         diff = verify_export(tmp, model) if verify else None
         (tmp / "README.md").write_text(model_card(model, metrics, prompt_style, diff), encoding="utf-8")
 
-    return atomic_dir(out, write, overwrite=True)
+    need = tensor_bytes(state_dict_for_save(model)) + 4 * 2**20  # weights + tokenizer files and card
+    return atomic_dir(out, write, overwrite=True, need_bytes=need)
