@@ -231,6 +231,11 @@ def atomic_dir(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
+    except GPTForgeError as e:  # a nested writer's error names our temp dir: the user knows `out`
+        shutil.rmtree(tmp, ignore_errors=True)
+        if str(tmp) in str(e):
+            raise type(e)(str(e).replace(str(tmp), str(out))) from None
+        raise
     except Exception as e:
         written = _tree_size(tmp) if tmp.is_dir() else 0
         shutil.rmtree(tmp, ignore_errors=True)
