@@ -54,7 +54,12 @@ def _tree_size(path: Path) -> int:
 
 
 def _mb(n: int | float) -> str:
-    return f"{n / 2**20:,.1f} MB"
+    """A size a person reads: kB below a megabyte, GB from a gigabyte (binary units)."""
+    if n < 2**20:
+        return f"{max(n, 1) / 2**10:,.1f} kB"
+    if n < 2**30:
+        return f"{n / 2**20:,.1f} MB"
+    return f"{n / 2**30:,.1f} GB"
 
 
 _FULL_MARKS = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")

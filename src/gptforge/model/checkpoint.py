@@ -114,7 +114,7 @@ def verify_checkpoint_files(path: str | os.PathLike, deep: bool = False) -> bool
         path,
         required=False,
         deep=deep,
-        fix="re-save/re-export it (or delete files.sha256.json to load it as it is)",
+        fix="re-save/re-export it (if you edited it on purpose, delete files.sha256.json)",
     )
 
 
