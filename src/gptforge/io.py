@@ -228,7 +228,7 @@ def atomic_dir(
         clean_stale_temps(out.parent, out.name)
         tmp.mkdir(mode=_dir_mode())
         write(tmp)
-        _fix_modes(tmp)
+        fix_modes(tmp)
         if out.exists():
             old = temp_path(out, "old")
             os.replace(out, old)
@@ -254,8 +254,9 @@ def atomic_dir(
     return out
 
 
-def _fix_modes(root: Path) -> None:
-    """Give a tree built by a library that used 0600/0700 temp files the umask's permissions."""
+def fix_modes(root: Path) -> None:
+    """Give a tree built by a library that used 0600/0700 temp files the umask's permissions (safetensors
+    0.8 writes 0600 files; mkdtemp makes 0700 dirs). `atomic_dir` does it; other dir writers call it."""
     dmode, fmode = _dir_mode(), 0o666 & ~_umask()
     os.chmod(root, dmode)
     for p in root.rglob("*"):

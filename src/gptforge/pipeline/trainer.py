@@ -43,6 +43,7 @@ from gptforge.errors import CheckpointError, ConfigError, TrainingError
 from gptforge.io import (
     atomic_dir,
     clean_stale_temps,
+    fix_modes,
     storage_error,
     temp_path,
     verify_file_manifest,
@@ -712,6 +713,7 @@ class Trainer:
                 state.best_val_loss, state.best_step = score, state.step
             if self.is_main:
                 write_json(tmp / STATE, asdict(state))
+                fix_modes(tmp)  # umask permissions, not the 0600 safetensors gives its files
                 write_file_manifest(tmp)  # last: it is what marks the checkpoint complete
                 if final.exists():
                     shutil.rmtree(final)
