@@ -92,8 +92,6 @@ def setup(made: Path, tmp_path: Path, verb: str) -> tuple[Path, list[str]]:
     src = tmp_path / kind
     shutil.copytree(made / kind, src)
     shutil.copyfile(made / "corpus.txt", tmp_path / "corpus.txt")
-    if kind == "adapter":  # its recorded base is the module's lm dir, intact
-        pass
     return src / weights, [str(a) for a in args(src, tmp_path)]
 
 
@@ -125,6 +123,17 @@ def test_damaged_weights_are_one_line_naming_the_file(made, tmp_path, capsys, ve
     assert any(fix in line for fix in ("re-save", "re-export", "re-download")), line
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").rglob("*.safetensors"))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dir left
+
+
+def test_checkpoints_from_before_manifests_still_load(made, tmp_path):
+    from gptforge.model.checkpoint import load_checkpoint
+
+    shutil.copytree(made / "lm", tmp_path / "lm")
+    (tmp_path / "lm" / FILE_MANIFEST).unlink()
+    model = load_checkpoint(tmp_path / "lm", deep=True)
+    want = load_checkpoint(made / "lm", deep=True)
+    for (k, a), (_, b) in zip(model.state_dict().items(), want.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
 
 
 def test_unreadable_files_are_one_line_naming_the_path(made, tmp_path):

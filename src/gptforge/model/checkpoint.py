@@ -31,7 +31,7 @@ CONFIG = "config.json"
 RESAVE = "re-save/re-export it"
 
 
-def _check_readable(path: Path, fix: str) -> None:
+def check_readable(path: Path, fix: str) -> None:
     """Open the file ourselves first: safetensors reports a permission problem as "No such file"."""
     try:
         with open(path, "rb"):
@@ -54,7 +54,7 @@ def load_safetensors(
     from safetensors.torch import load_file
 
     p = Path(path)
-    _check_readable(p, fix)
+    check_readable(p, fix)
     try:
         return load_file(str(p), device=str(device))
     except OSError as e:
@@ -71,7 +71,7 @@ class SafeTensorsFile:
         from safetensors import safe_open
 
         self.path, self.fix = Path(path), fix
-        _check_readable(self.path, fix)
+        check_readable(self.path, fix)
         try:
             try:
                 self._h = safe_open(str(self.path), framework="pt", device="cpu", backend="pread")

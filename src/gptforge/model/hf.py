@@ -311,6 +311,9 @@ _HF_FIX = "re-download or re-export it"
 
 
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    from gptforge.model.checkpoint import check_readable
+
+    check_readable(path, _HF_FIX)  # permission denied is one line naming the file, not a pickle error
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses pickled objects: that is the point
