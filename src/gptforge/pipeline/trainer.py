@@ -51,9 +51,15 @@ from gptforge.io import (
     write_json,
     write_text,
 )
-from gptforge.model.checkpoint import save_checkpoint, tensor_bytes
+from gptforge.model.checkpoint import save_checkpoint, state_dict_for_save, tensor_bytes
 from gptforge.model.gpt import GPT
-from gptforge.model.lora import describe_trainable, lora_config, register_adapter_checkpointing, save_adapter
+from gptforge.model.lora import (
+    adapter_state_dict,
+    describe_trainable,
+    lora_config,
+    register_adapter_checkpointing,
+    save_adapter,
+)
 from gptforge.model.perf import keep_freed_memory, release_freed_memory
 from gptforge.pipeline.config import TrainConfig
 
@@ -744,7 +750,8 @@ class Trainer:
     def _state_bytes(self) -> int:
         """About what a resumable checkpoint takes: model and optimizer tensors (the rest is small)."""
         model = self.accelerator.unwrap_model(self.model)
-        n = tensor_bytes(dict(model.state_dict()))
+        unique = {t.data_ptr(): t for t in model.state_dict().values()}  # a tied head is stored once
+        n = tensor_bytes(unique)
         opt = getattr(self, "optimizer", None)
         for st in opt.state.values() if opt is not None else []:
             n += sum(t.numel() * t.element_size() for t in st.values() if torch.is_tensor(t))
@@ -883,7 +890,10 @@ class Trainer:
                     shutil.copyfile(self.out_dir / LOSS_PNG, tmp / LOSS_PNG)
                 write_file_manifest(tmp)  # again, last: it now covers metrics.jsonl and loss.png too
 
-            atomic_dir(out, write, need_bytes=tensor_bytes(dict(model.state_dict())))
+            weights = (
+                adapter_state_dict(model) if lora_config(model) is not None else state_dict_for_save(model)
+            )
+            atomic_dir(out, write, need_bytes=tensor_bytes(weights))
         self.accelerator.wait_for_everyone()
         return out
 
