@@ -161,10 +161,10 @@ def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
 _RESUME_FIX = "resume from another checkpoint (train.resume auto skips damaged ones) or start a new out_dir"
 
 
-def verify_checkpoint(path: str | os.PathLike) -> None:
+def verify_checkpoint(path: str | os.PathLike, fix: str = _RESUME_FIX) -> None:
     """A resumable checkpoint must match its files.sha256.json (sizes and sha256); CheckpointError names the
     first file that does not. A checkpoint without one is incomplete (or from before manifests)."""
-    verify_file_manifest(path, required=True, deep=True, fix=_RESUME_FIX)
+    verify_file_manifest(path, required=True, deep=True, fix=fix)
 
 
 def find_resume_checkpoint(resume: str | None, out_dir: str | os.PathLike, warn: bool = True) -> Path | None:
@@ -179,11 +179,11 @@ def find_resume_checkpoint(resume: str | None, out_dir: str | os.PathLike, warn:
         found = list_checkpoints(out_dir)
         for p in reversed(found):
             try:
-                verify_checkpoint(p)
+                verify_checkpoint(p, fix="skipped; trying an older checkpoint")
                 return p
             except CheckpointError as e:
                 if warn:
-                    print(f"warning: skipping damaged checkpoint: {e}", file=sys.stderr)
+                    print(f"warning: train.resume=auto: {e}", file=sys.stderr)
         if found and warn:
             print(
                 f"warning: no intact checkpoint in {Path(out_dir) / CHECKPOINTS}; starting from step 0",
