@@ -722,7 +722,7 @@ class Trainer:
                 fix_modes(tmp)  # umask permissions, not the 0600 safetensors gives its files
                 write_file_manifest(tmp)  # last: it is what marks the checkpoint complete
                 if final.exists():
-                    shutil.rmtree(final)
+                    _remove_dir(final)
                 os.replace(tmp, final)
                 self._rotate(state)
         except Exception as e:
@@ -763,7 +763,7 @@ class Trainer:
         best = f"step-{state.best_step:08d}" if state.best_step is not None else None
         for p in found[: max(0, len(found) - self.cfg.keep_last)]:
             if p.name != best:
-                shutil.rmtree(p, ignore_errors=True)
+                _remove_dir(p)
                 state.scores.pop(p.name, None)
 
     def _load(self, path: Path) -> TrainState:
@@ -896,6 +896,14 @@ class Trainer:
             atomic_dir(out, write, need_bytes=tensor_bytes(weights))
         self.accelerator.wait_for_everyone()
         return out
+
+
+def _remove_dir(p: Path) -> None:
+    """Rename out of the way first: a kill mid-delete then leaves a `.NAME.old-PID-*` dir that the next run
+    removes, not a half-deleted checkpoint under its real name."""
+    old = temp_path(p, "old")
+    os.replace(p, old)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _end_iteration(loader) -> None:
