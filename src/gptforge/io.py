@@ -54,13 +54,38 @@ def _tree_size(path: Path) -> int:
 
 
 def _mb(n: int | float) -> str:
-    return f"{n / 2**20:,.1f} MB"
+    """A size a person reads: kB below a megabyte, GB from a gigabyte (binary units)."""
+    if n < 2**20:
+        return f"{max(n, 1) / 2**10:,.1f} kB"
+    if n < 2**30:
+        return f"{n / 2**20:,.1f} MB"
+    return f"{n / 2**30:,.1f} GB"
 
 
-def storage_error(e: OSError, path: str | os.PathLike, need_bytes: int | None = None) -> GPTForgeError:
-    """An OSError a user can fix (full disk, no permission, read-only) as one line; others unchanged."""
+_FULL_MARKS = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
+
+
+def _disk_full(e: BaseException, path: Path, need_bytes: int | None) -> bool:
+    """Whether `e` means the disk is full. Writers in Rust and C++ do not raise OSError: safetensors says
+    "I/O error: No space left on device (os error 28)", torch.save only "unexpected pos 576 vs 534"; for
+    the latter a free space below what the write needed is the evidence."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    if any(m in str(e) for m in _FULL_MARKS):
+        return True
+    if need_bytes and isinstance(e, RuntimeError):
+        try:
+            return shutil.disk_usage(_existing_parent(path)).free < need_bytes
+        except OSError:
+            return False
+    return False
+
+
+def storage_error(e: BaseException, path: str | os.PathLike, need_bytes: int | None = None) -> BaseException:
+    """An error a user can fix (full disk, no permission, read-only) as one StorageError line naming `path`
+    (and for a full disk the space needed and free); any other error comes back unchanged."""
     p = Path(path)
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+    if _disk_full(e, p, need_bytes):
         try:
             free = shutil.disk_usage(_existing_parent(p)).free
             have = f"; {_mb(free)} free"
@@ -68,12 +93,14 @@ def storage_error(e: OSError, path: str | os.PathLike, need_bytes: int | None = 
             have = ""
         need = f" (needs about {_mb(need_bytes)}{have})" if need_bytes else (f" ({have[2:]})" if have else "")
         return StorageError(f"{p}: no space left on the device{need}; free some space or write elsewhere")
+    if not isinstance(e, OSError):
+        return e
     if e.errno in (errno.EACCES, errno.EPERM):
         target = e.filename or p
         return StorageError(f"{target}: permission denied; fix the permissions or choose another path")
     if e.errno == errno.EROFS:
         return StorageError(f"{p}: the file system is read-only; write elsewhere")
-    return e  # type: ignore[return-value]
+    return e
 
 
 def _existing_parent(p: Path) -> Path:
@@ -97,7 +124,13 @@ def read_bytes_checked(path: str | os.PathLike, what: str = "file") -> bytes:
 # -- temp names ------------------------------------------------------------------------------------
 
 
-def _temp_path(path: Path, kind: str = "tmp") -> Path:
+def temp_path(path: str | os.PathLike, kind: str = "tmp") -> Path:
+    """The sibling temp name for `path` (`.NAME.tmp-PID-XXXXXX`) that `clean_stale_temps` recognises.
+
+    For writers that cannot use `atomic_dir` as is (several processes writing one dir), so that what a
+    killed one leaves is still found and removed by the next run.
+    """
+    path = Path(path)
     return path.with_name(f".{path.name}.{kind}-{os.getpid()}-{secrets.token_hex(3)}")
 
 
@@ -143,7 +176,7 @@ def clean_stale_temps(parent: str | os.PathLike, name: str | None = None) -> lis
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write a file atomically: a sibling temp file, flushed, then renamed over `path`."""
     path = Path(path)
-    tmp = _temp_path(path)
+    tmp = temp_path(path)
     clean_stale_temps(path.parent, path.name)
     try:
         with open(tmp, "wb") as f:
@@ -194,23 +227,28 @@ def atomic_dir(
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise CheckpointError(f"{out} already exists; pass overwrite=True or choose another directory")
-    tmp = _temp_path(out)
+    tmp = temp_path(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         clean_stale_temps(out.parent, out.name)
         tmp.mkdir(mode=_dir_mode())
         write(tmp)
-        _fix_modes(tmp)
+        fix_modes(tmp)
         fault_point("write_dir")
         if out.exists():
-            old = _temp_path(out, "old")
+            old = temp_path(out, "old")
             os.replace(out, old)
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
-    except OSError as e:
-        written = _tree_size(tmp)
+    except GPTForgeError as e:  # a nested writer's error names our temp dir: the user knows `out`
+        shutil.rmtree(tmp, ignore_errors=True)
+        if str(tmp) in str(e):
+            raise type(e)(str(e).replace(str(tmp), str(out))) from None
+        raise
+    except Exception as e:
+        written = _tree_size(tmp) if tmp.is_dir() else 0
         shutil.rmtree(tmp, ignore_errors=True)
         err = storage_error(e, out, need_bytes=need_bytes or (written or None))
         if err is e:
@@ -222,8 +260,9 @@ def atomic_dir(
     return out
 
 
-def _fix_modes(root: Path) -> None:
-    """Give a tree built by a library that used 0600/0700 temp files the umask's permissions."""
+def fix_modes(root: Path) -> None:
+    """Give a tree built by a library that used 0600/0700 temp files the umask's permissions (safetensors
+    0.8 writes 0600 files; mkdtemp makes 0700 dirs). `atomic_dir` does it; other dir writers call it."""
     dmode, fmode = _dir_mode(), 0o666 & ~_umask()
     os.chmod(root, dmode)
     for p in root.rglob("*"):
@@ -280,42 +319,50 @@ def write_file_manifest(directory: str | os.PathLike) -> Path:
     is what marks the directory complete."""
     d = Path(directory)
     files = {
-        f.relative_to(d).as_posix(): {"size": f.stat().st_size, "sha256": sha256_file(f)}
+        f.relative_to(d).as_posix(): {"size": f.stat().st_size, "sha256": _file_hash_cached(f)}
         for f in sorted(x for x in d.rglob("*") if x.is_file())
         if f.name != FILE_MANIFEST and not _TEMP.match(f.name)
     }
     return write_json(d / FILE_MANIFEST, {"version": 1, "files": files})
 
 
-def verify_file_manifest(directory: str | os.PathLike, required: bool = True, deep: bool = True) -> bool:
-    """Check a directory against its manifest; raise CheckpointError naming the first bad file.
+def verify_file_manifest(
+    directory: str | os.PathLike, required: bool = True, deep: bool = True, fix: str = "re-save it"
+) -> bool:
+    """Check a directory against its manifest; raise CheckpointError naming the first bad file and `fix`.
 
     Returns False (and checks nothing) when there is no manifest and `required` is False: directories
-    written before manifests existed still load. `deep=False` checks sizes only.
+    written before manifests existed still load. `deep=False` checks sizes only. Files not listed (added
+    later, e.g. a README) are not checked. A hash is cached on (path, size, mtime), so checking a directory
+    this process wrote or checked before costs a stat per file.
     """
     d = Path(directory)
     mf = d / FILE_MANIFEST
     if not mf.is_file():
         if required:
-            raise CheckpointError(f"{d}: no {FILE_MANIFEST}, so it is incomplete (its writer was stopped)")
+            raise CheckpointError(
+                f"{d}: no {FILE_MANIFEST}, so it is incomplete or was written before integrity manifests; {fix}"
+            )
         return False
     try:
         files = json.loads(mf.read_text(encoding="utf-8"))["files"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(
-            f"{mf}: unreadable integrity manifest ({e}); the directory is damaged"
+            f"{mf}: unreadable integrity manifest ({e}); the directory is damaged; {fix}"
         ) from None
     for rel, rec in files.items():
         f = d / rel
         if not f.is_file():
-            raise CheckpointError(f"{f}: missing (listed in {FILE_MANIFEST}); the directory is damaged")
+            raise CheckpointError(
+                f"{f}: missing (listed in {FILE_MANIFEST}); the directory is damaged; {fix}"
+            )
         size = f.stat().st_size
         if size != rec["size"]:
             raise CheckpointError(
-                f"{f}: {size} bytes, {rec['size']} expected (truncated or replaced); the directory is damaged"
+                f"{f}: {size} bytes, {rec['size']} expected (truncated or replaced); the directory is damaged; {fix}"
             )
         if deep and _file_hash_cached(f) != rec["sha256"]:
-            raise CheckpointError(f"{f}: sha256 differs from {FILE_MANIFEST}; the directory is damaged")
+            raise CheckpointError(f"{f}: sha256 differs from {FILE_MANIFEST} (damaged or replaced); {fix}")
     return True
 
 

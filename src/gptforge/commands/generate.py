@@ -41,9 +41,8 @@ def describe_config(cfg) -> dict:
 def _checkpoint_info(path: Path) -> dict:
     """What a checkpoint dir holds; its tensors are checked against config.json from the file header only."""
     import torch
-    from safetensors import safe_open
 
-    from gptforge.model.checkpoint import CONFIG, WEIGHTS, read_json, state_dict_for_save
+    from gptforge.model.checkpoint import CONFIG, WEIGHTS, open_safetensors, read_json, state_dict_for_save
     from gptforge.model.config import GPTConfig
     from gptforge.model.gpt import GPT
 
@@ -52,15 +51,10 @@ def _checkpoint_info(path: Path) -> dict:
     cfg = GPTConfig.from_dict(read_json(path / CONFIG))
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in state_dict_for_save(GPT(cfg)).items()}
-    try:
-        with safe_open(str(path / WEIGHTS), framework="pt") as f:
-            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-            names = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
-            dtypes = sorted({names.get(d, d) for d in (str(f.get_slice(k).get_dtype()) for k in f.keys())})
-    except Exception as e:  # safetensors raises its own error types for a damaged header
-        raise CheckpointError(
-            f"{path / WEIGHTS}: cannot read the safetensors header ({e}); re-save it"
-        ) from None
+    with open_safetensors(path / WEIGHTS) as f:  # a damaged or unreadable file: one line naming it
+        stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        names = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+        dtypes = sorted({names.get(d, d) for d in (str(f.get_slice(k).get_dtype()) for k in f.keys())})
     if stored != expected:
         bad = sorted(k for k in set(stored) | set(expected) if stored.get(k) != expected.get(k))
         raise CheckpointError(

@@ -19,6 +19,7 @@ import torch
 from gptforge.errors import ConversionError
 from gptforge.export.card import model_card
 from gptforge.io import atomic_dir, write_json
+from gptforge.model.checkpoint import state_dict_for_save, tensor_bytes
 from gptforge.model.config import GPTConfig
 from gptforge.model.gpt import GPT
 from gptforge.model.hf import to_hf
@@ -163,4 +164,5 @@ def export(
         card = model_card(model, metrics, prompt_style, diff, tolerance=(VERIFY_ATOL, VERIFY_RTOL))
         (tmp / "README.md").write_text(card, encoding="utf-8")
 
-    return atomic_dir(out, write, overwrite=True)
+    need = tensor_bytes(state_dict_for_save(model)) + 4 * 2**20  # weights + tokenizer files and card
+    return atomic_dir(out, write, overwrite=True, need_bytes=need)

@@ -9,7 +9,6 @@ approximate. Writing and verifying a Hugging Face dir is `gptforge.export.hf.exp
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import warnings
@@ -301,9 +300,13 @@ def _check_complete(sd: Mapping[str, torch.Tensor], cfg: GPTConfig, to_name) -> 
 # -- loading ----------------------------------------------------------------------------------------
 _SAFE, _SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 _BIN, _BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+_HF_FIX = "re-download or re-export it"
 
 
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    from gptforge.model.checkpoint import check_readable
+
+    check_readable(path, _HF_FIX)  # permission denied is one line naming the file, not a pickle error
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses pickled objects: that is the point
@@ -326,12 +329,9 @@ class _LazySafetensors(Mapping):
 
     @staticmethod
     def _open(f: Path):
-        from safetensors import safe_open
+        from gptforge.model.checkpoint import open_safetensors
 
-        try:
-            return safe_open(str(f), framework="pt", device="cpu", backend="pread")
-        except TypeError:  # safetensors < 0.8 has no backend argument
-            return safe_open(str(f), framework="pt", device="cpu")
+        return open_safetensors(f, fix=_HF_FIX)
 
     def __getitem__(self, key: str) -> torch.Tensor:
         with self._open(self._where[key]) as h:
@@ -349,21 +349,21 @@ def read_hf_dir(path: str | os.PathLike, *, lazy: bool = False) -> tuple[dict, M
 
     lazy=True returns safetensors weights as a mapping that reads each tensor when it is looked up.
     """
-    from safetensors.torch import load_file
+    from gptforge.model.checkpoint import load_safetensors, read_json
+
+    def load_file(f: str) -> dict[str, torch.Tensor]:
+        return load_safetensors(f, fix=_HF_FIX)
 
     p = Path(path)
     if not (p / "config.json").is_file():
         raise ConversionError(f"{p}: no config.json; point at a Hugging Face model directory")
     record_read(p, "Hugging Face model dir")
-    try:
-        config = json.loads((p / "config.json").read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{p / 'config.json'}: not valid JSON ({e})") from None
+    config = read_json(p / "config.json", _HF_FIX)
     if (p / _SAFE).is_file():
         return config, (_LazySafetensors([p / _SAFE]) if lazy else load_file(str(p / _SAFE)))
     for index, loader in ((_SAFE_INDEX, lambda f: load_file(str(f))), (_BIN_INDEX, _load_bin)):
         if (p / index).is_file():
-            weight_map = json.loads((p / index).read_text(encoding="utf-8")).get("weight_map", {})
+            weight_map = read_json(p / index, _HF_FIX).get("weight_map", {})
             shards = sorted(set(weight_map.values()))
             for shard in shards:
                 if not (p / shard).is_file():

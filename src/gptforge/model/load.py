@@ -23,13 +23,14 @@ def is_model_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / ADAPTER_META).is_file() or is_checkpoint(path)
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> GPT:
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", deep: bool = False) -> GPT:
     """The model in a gptforge checkpoint dir, in eval mode.
 
     A LoRA run's adapter dir (adapter.json) loads onto the base it records and comes back merged: a plain
-    GPT that evaluates, generates and exports like any other.
+    GPT that evaluates, generates and exports like any other. Files are checked against their
+    files.sha256.json where there is one (sizes; `deep`: sha256 too).
     """
     if (Path(path) / ADAPTER_META).is_file():
         record_read(path, "LoRA adapter dir")  # its base is recorded when load_adapter opens it
-        return merge_lora(load_adapter(path, device=device)).eval()
-    return load_checkpoint(path, device=device)
+        return merge_lora(load_adapter(path, device=device, deep=deep)).eval()
+    return load_checkpoint(path, device=device, deep=deep)

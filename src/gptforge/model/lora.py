@@ -26,12 +26,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptforge.errors import CheckpointError, ConfigError, ConversionError
-from gptforge.io import atomic_dir, write_json
+from gptforge.io import atomic_dir, write_file_manifest, write_json
 from gptforge.model.checkpoint import (
     CONFIG,
     is_checkpoint,
     load_checkpoint,
+    load_safetensors,
+    read_config,
     read_json,
+    tensor_bytes,
+    verify_checkpoint_files,
 )
 from gptforge.model.config import GPTConfig
 from gptforge.model.gpt import GPT, Linear
@@ -336,8 +340,10 @@ def save_adapter(
         "base_fingerprint": base_fingerprint(model),
     }
 
+    sd = adapter_state_dict(model)
+
     def write(tmp: Path) -> None:
-        save_file(adapter_state_dict(model), str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        save_file(sd, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         model.cfg.save(tmp / CONFIG)
         write_json(tmp / ADAPTER_META, meta)
         write_json(tmp / "tokenizer.json", {"name": "gpt2"})
@@ -345,8 +351,9 @@ def save_adapter(
             write_json(tmp / "labels.json", {"id2label": _labels(model.cfg)})
         for name, obj in (metadata or {}).items():
             write_json(tmp / name, obj)
+        write_file_manifest(tmp)  # last: it marks the dir complete
 
-    return atomic_dir(out_dir, write, overwrite=overwrite)
+    return atomic_dir(out_dir, write, overwrite=overwrite, need_bytes=tensor_bytes(sd))
 
 
 def is_adapter(path: str | os.PathLike) -> bool:
@@ -364,21 +371,24 @@ def load_base(base: str | os.PathLike, device: str | torch.device = "cpu") -> GP
 
 
 def load_adapter(
-    path: str | os.PathLike, base: str | os.PathLike | GPT | None = None, device: str | torch.device = "cpu"
+    path: str | os.PathLike,
+    base: str | os.PathLike | GPT | None = None,
+    device: str | torch.device = "cpu",
+    deep: bool = False,
 ) -> GPT:
     """Base model + adapter, ready to run or to train on (adapters and head trainable, base frozen).
 
     `base` defaults to the path recorded at save time; it must be the model the adapter was trained on.
+    The adapter dir is checked against its files.sha256.json where there is one (`deep`: sha256 too).
     """
-    from safetensors.torch import load_file
-
     p = Path(path)
     if not is_adapter(p):
         raise CheckpointError(f"{p}: not a LoRA adapter dir (needs {ADAPTER_META} and {ADAPTER_WEIGHTS})")
+    verify_checkpoint_files(p, deep=deep)
     meta = read_json(p / ADAPTER_META, "re-save the adapter")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{p / ADAPTER_META}: format {meta.get('format')!r} is not {FORMAT!r}")
-    cfg = GPTConfig.from_dict(read_json(p / CONFIG, "re-save the adapter"))
+    cfg = read_config(p / CONFIG, "re-save the adapter")
     lcfg = LoRAConfig.from_dict(meta["lora"])
     if base is None:
         base = meta.get("base")
@@ -407,7 +417,8 @@ def load_adapter(
     elif model.is_classifier:
         raise CheckpointError(f"{p}: the adapter is for a language model but base {where} is a classifier")
     apply_lora(model, lcfg)
-    load_adapter_state(model, load_file(str(p / ADAPTER_WEIGHTS), device=str(device)), source=str(p))
+    sd = load_safetensors(p / ADAPTER_WEIGHTS, device=device, fix="re-save the adapter")
+    load_adapter_state(model, sd, source=str(p))
     return model.eval()
 
 

@@ -152,12 +152,15 @@ def build_hf_tokenizer():
 def save_hf_tokenizer(out_dir: str | os.PathLike) -> None:
     """Write the Hugging Face tokenizer files into `out_dir` (made complete in a temp dir, then moved in)."""
     import shutil
-    import tempfile
+
+    from gptforge.io import clean_stale_temps, temp_path
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     d = bpe_files_dir()
-    tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.tmp-", dir=out))
+    clean_stale_temps(out, "tokenizer")  # what a killed writer left (io's naming: .tokenizer.tmp-PID-XXXXXX)
+    tmp = temp_path(out / "tokenizer")
+    tmp.mkdir()
     try:
         build_hf_tokenizer().save_pretrained(str(tmp))
         # transformers 5 names its generic backend here, which transformers 4 cannot resolve; the hub's gpt2

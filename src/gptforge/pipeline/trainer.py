@@ -11,8 +11,10 @@ Why it is written the way it is:
   optimizer, scheduler and RNG, `trainer_state.json` stores where in the epoch we were, and
   `skip_first_batches` replays the rest of the epoch. The data loaders get their own generator so that
   creating an iterator never consumes the global RNG (which drives dropout).
-- Checkpoints are written to a temporary directory and renamed into place: a killed run never leaves a
-  half-written checkpoint that `--resume auto` would pick.
+- Checkpoints are written to a temporary directory (io's `.step-N.tmp-PID-XXXXXX` naming, so the next run
+  removes what a killed one left) with `files.sha256.json` written last, then renamed into place. Resume
+  checks that manifest (sizes and sha256): `--resume auto` skips a damaged checkpoint with one warning and
+  takes the newest intact one; a damaged checkpoint named explicitly stops the run.
 """
 
 from __future__ import annotations
@@ -37,13 +39,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gptforge.errors import ConfigError, TrainingError
-from gptforge.io import atomic_dir, fault_point, write_json
+from gptforge.errors import CheckpointError, ConfigError, TrainingError
+from gptforge.io import (
+    atomic_dir,
+    clean_stale_temps,
+    fault_point,
+    fix_modes,
+    storage_error,
+    temp_path,
+    verify_file_manifest,
+    write_file_manifest,
+    write_json,
+    write_text,
+)
 from gptforge.machine import cpu_has_native_bf16, keep_freed_memory, release_freed_memory
-from gptforge.model.checkpoint import save_checkpoint
+from gptforge.model.checkpoint import save_checkpoint, state_dict_for_save, tensor_bytes
 from gptforge.model.config import IGNORE_INDEX
 from gptforge.model.gpt import GPT
-from gptforge.model.lora import describe_trainable, lora_config, save_adapter
+from gptforge.model.lora import adapter_state_dict, describe_trainable, lora_config, save_adapter
 from gptforge.pipeline.config import TrainConfig
 from gptforge.pipeline.lora_state import register_adapter_checkpointing
 
@@ -142,19 +155,45 @@ def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def find_resume_checkpoint(resume: str | None, out_dir: str | os.PathLike) -> Path | None:
-    """`auto` -> the latest checkpoint of `out_dir` (None if there is none); a path -> that checkpoint."""
+_RESUME_FIX = "resume from another checkpoint (train.resume auto skips damaged ones) or start a new out_dir"
+
+
+def verify_checkpoint(path: str | os.PathLike, fix: str = _RESUME_FIX) -> None:
+    """A resumable checkpoint must match its files.sha256.json (sizes and sha256); CheckpointError names the
+    first file that does not. A checkpoint without one is incomplete (or from before manifests)."""
+    verify_file_manifest(path, required=True, deep=True, fix=fix)
+
+
+def find_resume_checkpoint(resume: str | None, out_dir: str | os.PathLike, warn: bool = True) -> Path | None:
+    """`auto` -> the newest intact checkpoint of `out_dir` (None if there is none); a path -> that checkpoint.
+
+    With `auto`, a checkpoint that fails its integrity check is skipped with one warning line naming the
+    file; a checkpoint named explicitly must be intact (CheckpointError otherwise).
+    """
     if not resume:
         return None
     if resume == "auto":
         found = list_checkpoints(out_dir)
-        return found[-1] if found else None
+        for p in reversed(found):
+            try:
+                verify_checkpoint(p, fix="skipped; trying an older checkpoint")
+                return p
+            except CheckpointError as e:
+                if warn:
+                    print(f"warning: train.resume=auto: {e}", file=sys.stderr)
+        if found and warn:
+            print(
+                f"warning: no intact checkpoint in {Path(out_dir) / CHECKPOINTS}; starting from step 0",
+                file=sys.stderr,
+            )
+        return None
     p = Path(resume)
     if not (p / STATE).is_file():
         raise ConfigError(
             f"train.resume={resume}: not a resumable checkpoint (no {STATE}); "
             f"use `auto` or a dir under {Path(out_dir) / CHECKPOINTS}"
         )
+    verify_checkpoint(p)
     return p
 
 
@@ -311,9 +350,12 @@ class Trainer:
         self.cfg = cfg
         self.kind = kind
         self.out_dir = Path(cfg.out_dir)
-        # a bad --train.resume fails now, before any data is prepared
-        self.resume_from = find_resume_checkpoint(cfg.resume, self.out_dir)
         self.accelerator = make_accelerator(cfg)
+        # a bad --train.resume fails now, before any data is prepared
+        self.resume_from = find_resume_checkpoint(cfg.resume, self.out_dir, warn=self.is_main)
+        if self.is_main:  # what killed runs left: temp checkpoint and final dirs of dead writers
+            clean_stale_temps(self.out_dir / CHECKPOINTS)
+            clean_stale_temps(self.out_dir)
         register_adapter_checkpointing(self.accelerator)  # LoRA: resumable checkpoints hold only the adapter
         set_seed(cfg.seed)
         self._signal: int | None = None
@@ -655,38 +697,75 @@ class Trainer:
         if self.is_main:
             path = self.out_dir / METRICS
             lines = path.read_text(encoding="utf-8").splitlines(keepends=True) if path.is_file() else []
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            tmp.write_text("".join(lines[:n_lines]), encoding="utf-8")
-            os.replace(tmp, path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_text(path, "".join(lines[:n_lines]))
         self.accelerator.wait_for_everyone()
 
     # -- checkpoints ----------------------------------------------------------------------------------
     def _save(self, state: TrainState) -> Path:
-        """Accelerate state + trainer_state.json, written to a temp dir and renamed into place."""
+        """Accelerate state + trainer_state.json + files.sha256.json (last), in a temp dir renamed into place.
+
+        The temp dir carries the main process's pid (io's naming), so a killed save leaves nothing the next
+        save or run does not remove; a failed one (a full disk) removes it at once and is one line.
+        """
         acc = self.accelerator
         root = self.out_dir / CHECKPOINTS
         name = f"step-{state.step:08d}"
-        final, tmp = root / name, root / f".tmp-{name}"
+        final = root / name
+        tmp = None
         if self.is_main:
             root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
+            clean_stale_temps(root)
+            tmp = temp_path(final)
             tmp.mkdir()
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        fault_point("checkpoint_write")
-        acc.wait_for_everyone()
-        score = state.last_val_loss if state.last_val_step == state.step else None
-        state.scores[name] = score
-        if score is not None and (state.best_val_loss is None or score < state.best_val_loss):
-            state.best_val_loss, state.best_step = score, state.step
-        if self.is_main:
-            write_json(tmp / STATE, asdict(state))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            self._rotate(state)
+        tmp = self._share(tmp)
+        try:
+            acc.save_state(str(tmp))
+            fault_point("checkpoint_write")
+            acc.wait_for_everyone()
+            score = state.last_val_loss if state.last_val_step == state.step else None
+            state.scores[name] = score
+            if score is not None and (state.best_val_loss is None or score < state.best_val_loss):
+                state.best_val_loss, state.best_step = score, state.step
+            if self.is_main:
+                write_json(tmp / STATE, asdict(state))
+                fix_modes(tmp)  # umask permissions, not the 0600 safetensors gives its files
+                write_file_manifest(tmp)  # last: it is what marks the checkpoint complete
+                if final.exists():
+                    _remove_dir(final)
+                os.replace(tmp, final)
+                self._rotate(state)
+        except Exception as e:
+            if self.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            err = storage_error(e, final, need_bytes=self._state_bytes())
+            if err is e:
+                raise
+            raise err from None
+        except BaseException:
+            if self.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         acc.wait_for_everyone()
         return final
+
+    def _share(self, path: Path | None) -> Path:
+        """The main process's path, on every process."""
+        if self.accelerator.num_processes == 1:
+            return path  # type: ignore[return-value]
+        from accelerate.utils import broadcast_object_list
+
+        return Path(broadcast_object_list([str(path) if path is not None else None], from_process=0)[0])
+
+    def _state_bytes(self) -> int:
+        """About what a resumable checkpoint takes: model and optimizer tensors (the rest is small)."""
+        model = self.accelerator.unwrap_model(self.model)
+        unique = {t.data_ptr(): t for t in model.state_dict().values()}  # a tied head is stored once
+        n = tensor_bytes(unique)
+        opt = getattr(self, "optimizer", None)
+        for st in opt.state.values() if opt is not None else []:
+            n += sum(t.numel() * t.element_size() for t in st.values() if torch.is_tensor(t))
+        return n
 
     def _rotate(self, state: TrainState) -> None:
         """Keep the last `keep_last` checkpoints and the best one (lowest val_loss at save time)."""
@@ -694,11 +773,12 @@ class Trainer:
         best = f"step-{state.best_step:08d}" if state.best_step is not None else None
         for p in found[: max(0, len(found) - self.cfg.keep_last)]:
             if p.name != best:
-                shutil.rmtree(p, ignore_errors=True)
+                _remove_dir(p)
                 state.scores.pop(p.name, None)
 
     def _load(self, path: Path) -> TrainState:
         acc, cfg = self.accelerator, self.cfg
+        verify_checkpoint(path)  # again: cheap (hashes are cached), and the dir may have changed since
         raw = json.loads((path / STATE).read_text(encoding="utf-8"))
         state = TrainState(**raw)
         now = {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "num_processes": acc.num_processes}
@@ -818,8 +898,12 @@ class Trainer:
                 shutil.copyfile(self.out_dir / METRICS, tmp / METRICS)
                 if self.cfg.plot and (self.out_dir / LOSS_PNG).is_file():
                     shutil.copyfile(self.out_dir / LOSS_PNG, tmp / LOSS_PNG)
+                write_file_manifest(tmp)  # again, last: it now covers metrics.jsonl and loss.png too
 
-            atomic_dir(out, write)
+            weights = (
+                adapter_state_dict(model) if lora_config(model) is not None else state_dict_for_save(model)
+            )
+            atomic_dir(out, write, need_bytes=tensor_bytes(weights))
         self.accelerator.wait_for_everyone()
         return out
 
@@ -828,6 +912,14 @@ def source_names_of(dataset) -> list[str] | None:
     """The names of a dataset's `source` ClassLabel column (pretraining validation from several sources)."""
     feature = (getattr(dataset, "features", None) or {}).get("source")
     return list(feature.names) if hasattr(feature, "names") else None
+
+
+def _remove_dir(p: Path) -> None:
+    """Rename out of the way first: a kill mid-delete then leaves a `.NAME.old-PID-*` dir that the next run
+    removes, not a half-deleted checkpoint under its real name."""
+    old = temp_path(p, "old")
+    os.replace(p, old)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _end_iteration(loader) -> None:
