@@ -244,21 +244,13 @@ def _convert(tp: Any, value: Any, key: str, where: Where, base: Any, root_keys: 
         if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
             return value.lower() in _TRUE
         raise _bad(key, value, tp, where)
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+    if tp in (int, float):
+        numeric = (int,) if tp is int else (int, float)
+        if isinstance(value, numeric) and not isinstance(value, bool):
+            return tp(value)
         if isinstance(value, str):
             try:
-                return int(value.strip())
-            except ValueError:
-                pass
-        raise _bad(key, value, tp, where)
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
+                return tp(value.strip())
             except ValueError:
                 pass
         raise _bad(key, value, tp, where)

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from gptforge.export.hf import export
 from gptforge.model.checkpoint import save_checkpoint
 from gptforge.model.config import GPTConfig
 from gptforge.model.gpt import GPT
-from gptforge.export.hf import export
 from gptforge.model.tokenizer import save_hf_tokenizer
 from gptforge.pipeline.config import load_config
 from gptforge.pipeline.train import run_pretrain

@@ -11,7 +11,6 @@ Set `GPTFORGE_URL_<NAME>` (e.g. `GPTFORGE_URL_SMS_SPAM`) or pass `url=` to fetch
 from __future__ import annotations
 
 import codecs
-import hashlib
 import logging
 import os
 import re
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from gptforge.errors import DataError
-from gptforge.io import record_read
+from gptforge.io import record_read, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -138,14 +137,6 @@ def data_cache_dir() -> Path:
 
 def url_env_var(name: str) -> str:
     return "GPTFORGE_URL_" + re.sub(r"[^A-Za-z0-9]", "_", name).upper()
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_utf8(path: str | os.PathLike) -> None:
