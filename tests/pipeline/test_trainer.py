@@ -18,15 +18,10 @@ from gptforge.machine import cpu_has_native_bf16
 from gptforge.model.checkpoint import load_checkpoint as load_model
 from gptforge.model.config import GPTConfig
 from gptforge.model.gpt import GPT
+from gptforge.pipeline.checkpoints import FINAL, list_checkpoints
 from gptforge.pipeline.config import TrainConfig
-from gptforge.pipeline.trainer import (
-    FINAL,
-    Trainer,
-    list_checkpoints,
-    lr_lambda,
-    param_groups,
-    read_metrics,
-)
+from gptforge.pipeline.runinfo import read_metrics
+from gptforge.pipeline.trainer import Trainer, lr_lambda, param_groups
 
 VOCAB = 97
 

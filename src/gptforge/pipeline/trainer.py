@@ -11,10 +11,8 @@ Why it is written the way it is:
   optimizer, scheduler and RNG, `trainer_state.json` stores where in the epoch we were, and
   `skip_first_batches` replays the rest of the epoch. The data loaders get their own generator so that
   creating an iterator never consumes the global RNG (which drives dropout).
-- Checkpoints are written to a temporary directory (io's `.step-N.tmp-PID-XXXXXX` naming, so the next run
-  removes what a killed one left) with `files.sha256.json` written last, then renamed into place. Resume
-  checks that manifest (sizes and sha256): `--resume auto` skips a damaged checkpoint with one warning and
-  takes the newest intact one; a damaged checkpoint named explicitly stops the run.
+- The trainer decides when to save and what a save holds; the files of a run dir (temp dirs, manifests
+  written last and verified on resume, rotation, `final/`) are `pipeline.checkpoints`' job.
 """
 
 from __future__ import annotations
@@ -24,10 +22,7 @@ import json
 import logging
 import math
 import os
-import re
-import shutil
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -39,33 +34,33 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gptforge.errors import CheckpointError, ConfigError, TrainingError
-from gptforge.io import (
-    atomic_dir,
-    clean_stale_temps,
-    fault_point,
-    fix_modes,
-    storage_error,
-    temp_path,
-    verify_file_manifest,
-    write_file_manifest,
-    write_json,
-    write_text,
-)
+from gptforge.errors import ConfigError, TrainingError
+from gptforge.io import fault_point, storage_error, write_json, write_text
 from gptforge.machine import cpu_has_native_bf16, keep_freed_memory, release_freed_memory
-from gptforge.model.checkpoint import save_checkpoint, state_dict_for_save, tensor_bytes
+from gptforge.model.checkpoint import tensor_bytes
 from gptforge.model.config import IGNORE_INDEX
 from gptforge.model.gpt import GPT
-from gptforge.model.lora import adapter_state_dict, describe_trainable, lora_config, save_adapter
+from gptforge.model.lora import describe_trainable
+from gptforge.pipeline.checkpoints import (
+    CHECKPOINTS,
+    FINAL,
+    LOSS_PNG,
+    METRICS,
+    checkpoint_name,
+    clean_run_dir,
+    discard,
+    find_resume_checkpoint,
+    finish_checkpoint,
+    list_checkpoints,
+    read_checkpoint_state,
+    rotate_checkpoints,
+    start_checkpoint,
+    write_final,
+)
 from gptforge.pipeline.config import TrainConfig
+from gptforge.pipeline.evaluate.report import plot_losses
 from gptforge.pipeline.lora_state import register_adapter_checkpointing
-
-CHECKPOINTS = "checkpoints"
-FINAL = "final"
-METRICS = "metrics.jsonl"
-STATE = "trainer_state.json"
-LOSS_PNG = "loss.png"
-_STEP_DIR = re.compile(r"step-(\d+)")
+from gptforge.pipeline.runinfo import git_commit, package_versions, read_metrics
 
 
 class RunResult(NamedTuple):
@@ -140,114 +135,6 @@ def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float):
         return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return f
-
-
-def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
-    """Complete resumable checkpoints of a run, oldest first (temporary dirs are never listed)."""
-    root = Path(out_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = [
-        (int(m.group(1)), p)
-        for p in root.iterdir()
-        if (m := _STEP_DIR.fullmatch(p.name)) and (p / STATE).is_file()
-    ]
-    return [p for _, p in sorted(found)]
-
-
-_RESUME_FIX = "resume from another checkpoint (train.resume auto skips damaged ones) or start a new out_dir"
-
-
-def verify_checkpoint(path: str | os.PathLike, fix: str = _RESUME_FIX) -> None:
-    """A resumable checkpoint must match its files.sha256.json (sizes and sha256); CheckpointError names the
-    first file that does not. A checkpoint without one is incomplete (or from before manifests)."""
-    verify_file_manifest(path, required=True, deep=True, fix=fix)
-
-
-def find_resume_checkpoint(resume: str | None, out_dir: str | os.PathLike, warn: bool = True) -> Path | None:
-    """`auto` -> the newest intact checkpoint of `out_dir` (None if there is none); a path -> that checkpoint.
-
-    With `auto`, a checkpoint that fails its integrity check is skipped with one warning line naming the
-    file; a checkpoint named explicitly must be intact (CheckpointError otherwise).
-    """
-    if not resume:
-        return None
-    if resume == "auto":
-        found = list_checkpoints(out_dir)
-        for p in reversed(found):
-            try:
-                verify_checkpoint(p, fix="skipped; trying an older checkpoint")
-                return p
-            except CheckpointError as e:
-                if warn:
-                    print(f"warning: train.resume=auto: {e}", file=sys.stderr)
-        if found and warn:
-            print(
-                f"warning: no intact checkpoint in {Path(out_dir) / CHECKPOINTS}; starting from step 0",
-                file=sys.stderr,
-            )
-        return None
-    p = Path(resume)
-    if not (p / STATE).is_file():
-        raise ConfigError(
-            f"train.resume={resume}: not a resumable checkpoint (no {STATE}); "
-            f"use `auto` or a dir under {Path(out_dir) / CHECKPOINTS}"
-        )
-    verify_checkpoint(p)
-    return p
-
-
-def package_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": sys.version.split()[0]}
-    for name in ("gptforge", "torch", "accelerate", "transformers", "datasets", "tiktoken", "safetensors"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
-
-
-def git_commit() -> str | None:
-    """The commit of the gptforge source tree, when it is a git checkout."""
-    here = Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def plot_losses(records: list[dict], path: Path) -> None:
-    """Training and validation loss against optimizer steps (matplotlib, Agg)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r and isinstance(r["loss"], float)]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r and not r.get("final")]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if train:
-        ax.plot(*zip(*train), label="training loss")
-    if val:
-        ax.plot(*zip(*val), marker="o", linestyle="-.", label="validation loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def read_metrics(path: str | os.PathLike) -> list[dict]:
-    p = Path(path)
-    if not p.is_file():
-        return []
-    return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 class _TiedHeadNote(logging.Filter):
@@ -354,8 +241,7 @@ class Trainer:
         # a bad --train.resume fails now, before any data is prepared
         self.resume_from = find_resume_checkpoint(cfg.resume, self.out_dir, warn=self.is_main)
         if self.is_main:  # what killed runs left: temp checkpoint and final dirs of dead writers
-            clean_stale_temps(self.out_dir / CHECKPOINTS)
-            clean_stale_temps(self.out_dir)
+            clean_run_dir(self.out_dir)
         register_adapter_checkpointing(self.accelerator)  # LoRA: resumable checkpoints hold only the adapter
         set_seed(cfg.seed)
         self._signal: int | None = None
@@ -709,15 +595,9 @@ class Trainer:
         save or run does not remove; a failed one (a full disk) removes it at once and is one line.
         """
         acc = self.accelerator
-        root = self.out_dir / CHECKPOINTS
-        name = f"step-{state.step:08d}"
-        final = root / name
-        tmp = None
-        if self.is_main:
-            root.mkdir(parents=True, exist_ok=True)
-            clean_stale_temps(root)
-            tmp = temp_path(final)
-            tmp.mkdir()
+        name = checkpoint_name(state.step)
+        final = self.out_dir / CHECKPOINTS / name
+        tmp = start_checkpoint(final) if self.is_main else None
         tmp = self._share(tmp)
         try:
             acc.save_state(str(tmp))
@@ -728,23 +608,20 @@ class Trainer:
             if score is not None and (state.best_val_loss is None or score < state.best_val_loss):
                 state.best_val_loss, state.best_step = score, state.step
             if self.is_main:
-                write_json(tmp / STATE, asdict(state))
-                fix_modes(tmp)  # umask permissions, not the 0600 safetensors gives its files
-                write_file_manifest(tmp)  # last: it is what marks the checkpoint complete
-                if final.exists():
-                    _remove_dir(final)
-                os.replace(tmp, final)
-                self._rotate(state)
+                finish_checkpoint(tmp, final, asdict(state))
+                # keep the last `keep_last` checkpoints and the best one (lowest val_loss at save time)
+                for removed in rotate_checkpoints(self.out_dir, self.cfg.keep_last, state.best_step):
+                    state.scores.pop(removed, None)
         except Exception as e:
             if self.is_main:
-                shutil.rmtree(tmp, ignore_errors=True)
+                discard(tmp)
             err = storage_error(e, final, need_bytes=self._state_bytes())
             if err is e:
                 raise
             raise err from None
         except BaseException:
             if self.is_main:
-                shutil.rmtree(tmp, ignore_errors=True)
+                discard(tmp)
             raise
         acc.wait_for_everyone()
         return final
@@ -767,20 +644,9 @@ class Trainer:
             n += sum(t.numel() * t.element_size() for t in st.values() if torch.is_tensor(t))
         return n
 
-    def _rotate(self, state: TrainState) -> None:
-        """Keep the last `keep_last` checkpoints and the best one (lowest val_loss at save time)."""
-        found = list_checkpoints(self.out_dir)
-        best = f"step-{state.best_step:08d}" if state.best_step is not None else None
-        for p in found[: max(0, len(found) - self.cfg.keep_last)]:
-            if p.name != best:
-                _remove_dir(p)
-                state.scores.pop(p.name, None)
-
     def _load(self, path: Path) -> TrainState:
         acc, cfg = self.accelerator, self.cfg
-        verify_checkpoint(path)  # again: cheap (hashes are cached), and the dir may have changed since
-        raw = json.loads((path / STATE).read_text(encoding="utf-8"))
-        state = TrainState(**raw)
+        state = TrainState(**read_checkpoint_state(path))
         now = {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "num_processes": acc.num_processes}
         for k, v in now.items():
             if getattr(state, k) != v:
@@ -886,24 +752,9 @@ class Trainer:
                     plot_losses(read_metrics(self.out_dir / METRICS), self.out_dir / LOSS_PNG)
                 except Exception as e:  # a plot must never lose a trained model
                     print(f"warning: could not plot losses: {e}", file=sys.stderr)
-
-            def write(tmp: Path) -> None:
-                meta = {"run.json": run, **self.metadata}
-                if lora_config(model) is not None:  # adapter + head only; the frozen base stays where it was
-                    save_adapter(
-                        model, tmp, base=(self.run_config.get("model") or {}).get("init"), metadata=meta
-                    )
-                else:
-                    save_checkpoint(model, tmp, metadata=meta)
-                shutil.copyfile(self.out_dir / METRICS, tmp / METRICS)
-                if self.cfg.plot and (self.out_dir / LOSS_PNG).is_file():
-                    shutil.copyfile(self.out_dir / LOSS_PNG, tmp / LOSS_PNG)
-                write_file_manifest(tmp)  # again, last: it now covers metrics.jsonl and loss.png too
-
-            weights = (
-                adapter_state_dict(model) if lora_config(model) is not None else state_dict_for_save(model)
-            )
-            atomic_dir(out, write, need_bytes=tensor_bytes(weights))
+            meta = {"run.json": run, **self.metadata}
+            base = (self.run_config.get("model") or {}).get("init")  # a LoRA adapter's base
+            write_final(self.out_dir, model, meta, base=base, plot=self.cfg.plot)
         self.accelerator.wait_for_everyone()
         return out
 
@@ -912,14 +763,6 @@ def source_names_of(dataset) -> list[str] | None:
     """The names of a dataset's `source` ClassLabel column (pretraining validation from several sources)."""
     feature = (getattr(dataset, "features", None) or {}).get("source")
     return list(feature.names) if hasattr(feature, "names") else None
-
-
-def _remove_dir(p: Path) -> None:
-    """Rename out of the way first: a kill mid-delete then leaves a `.NAME.old-PID-*` dir that the next run
-    removes, not a half-deleted checkpoint under its real name."""
-    old = temp_path(p, "old")
-    os.replace(p, old)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _end_iteration(loader) -> None:
