@@ -21,6 +21,8 @@ import shutil
 import sys
 from pathlib import Path
 
+import torch
+
 from gptforge.errors import CheckpointError, ConfigError
 from gptforge.io import (
     atomic_dir,
@@ -148,6 +150,15 @@ def rotate_checkpoints(out_dir: Path, keep_last: int, best_step: int | None) -> 
             remove_dir(p)
             removed.append(p.name)
     return removed
+
+
+def resumable_bytes(model, optimizer) -> int:
+    """About what a resumable checkpoint takes: model and optimizer tensors (the rest is small)."""
+    unique = {t.data_ptr(): t for t in model.state_dict().values()}  # a tied head is stored once
+    n = tensor_bytes(unique)
+    for st in optimizer.state.values() if optimizer is not None else []:
+        n += sum(t.numel() * t.element_size() for t in st.values() if torch.is_tensor(t))
+    return n
 
 
 def write_final(out_dir: Path, model, metadata: dict, base: str | None, plot: bool) -> Path:

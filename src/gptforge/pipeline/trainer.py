@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
-import os
 import signal
 import sys
 import time
@@ -36,11 +34,11 @@ import torch.nn.functional as F
 
 from gptforge.errors import ConfigError, TrainingError
 from gptforge.io import fault_point, storage_error, write_json, write_text
-from gptforge.machine import cpu_has_native_bf16, keep_freed_memory, release_freed_memory
-from gptforge.model.checkpoint import tensor_bytes
+from gptforge.machine import keep_freed_memory, release_freed_memory
 from gptforge.model.config import IGNORE_INDEX
 from gptforge.model.gpt import GPT
 from gptforge.model.lora import describe_trainable
+from gptforge.pipeline.accelerator import end_iteration, make_accelerator, share_from_main, tracker_config
 from gptforge.pipeline.checkpoints import (
     CHECKPOINTS,
     FINAL,
@@ -53,6 +51,7 @@ from gptforge.pipeline.checkpoints import (
     finish_checkpoint,
     list_checkpoints,
     read_checkpoint_state,
+    resumable_bytes,
     rotate_checkpoints,
     start_checkpoint,
     write_final,
@@ -60,6 +59,7 @@ from gptforge.pipeline.checkpoints import (
 from gptforge.pipeline.config import TrainConfig
 from gptforge.pipeline.evaluate.report import plot_losses
 from gptforge.pipeline.lora_state import register_adapter_checkpointing
+from gptforge.pipeline.optim import lr_lambda, make_optimizer
 from gptforge.pipeline.runinfo import git_commit, package_versions, read_metrics
 
 
@@ -89,132 +89,6 @@ class TrainState:
     grad_accum: int = 0
     num_processes: int = 0
     seed: int = 0
-
-
-# -- helpers ----------------------------------------------------------------------------------------
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay only Linear weights; biases, LayerNorms and embeddings (incl. tied head) never."""
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    seen: set[int] = set()
-    for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            if not p.requires_grad or id(p) in seen:
-                continue
-            seen.add(id(p))
-            is_matrix = isinstance(module, nn.Linear) and name in ("weight", "lora_A", "lora_B")
-            (decay if is_matrix and weight_decay > 0 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
-
-
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over `param_groups`; the fused kernel where every parameter lives on CPU or CUDA.
-
-    On CPU the fused step is about 10x the default foreach one, which matters for a small model whose
-    50k-token embedding is most of its parameters.
-    """
-    groups = param_groups(model, cfg.weight_decay)
-    fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused or None)
-
-
-def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float):
-    """LR multiplier of optimizer step s (0-based): linear warmup, then cosine / linear / constant."""
-
-    def f(s: int) -> float:
-        if s < warmup:
-            return (s + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        progress = min(1.0, (s - warmup) / max(1, total - warmup))
-        if schedule == "linear":
-            return 1.0 - (1.0 - min_ratio) * progress
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return f
-
-
-class _TiedHeadNote(logging.Filter):
-    """Accelerate warns that it stored the tied LM head once; that is exactly what we want."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Removed shared tensor {'lm_head.weight'}" not in record.getMessage()
-
-
-def make_accelerator(cfg: TrainConfig):
-    """One Accelerator per run; in a single process a previous run's Accelerate state is reset first."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-    from accelerate.tracking import get_available_trackers
-    from accelerate.utils import DataLoaderConfiguration, LoggerType
-
-    cpu = cfg.cpu or not torch.cuda.is_available()
-    if cfg.mixed_precision == "fp16" and cpu:
-        raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU (loss scaling); on CPU use bf16 or no")
-    if cfg.mixed_precision == "bf16" and not cpu and not torch.cuda.is_bf16_supported():
-        raise ConfigError("train.mixed_precision=bf16: this GPU has no bf16 support; use fp16 or no")
-    if cfg.mixed_precision == "bf16" and cpu and cpu_has_native_bf16() is False:
-        import warnings
-
-        warnings.warn(
-            "train.mixed_precision=bf16 on a CPU without bf16 units (no avx512_bf16/amx_bf16): "
-            "autocast still works but is likely slower than fp32",
-            stacklevel=2,
-        )
-    available = {str(t) for t in get_available_trackers()}
-    known = [str(t) for t in LoggerType if str(t) != "all"]
-    for t in cfg.trackers:
-        if t not in known:
-            import difflib
-
-            close = difflib.get_close_matches(t, known, n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"use one of {', '.join(known)}"
-            raise ConfigError(f"train.trackers: unknown tracker {t!r}; {hint}")
-        if t not in available:
-            raise ConfigError(
-                f"train.trackers: {t!r} is not installed (available: {sorted(available) or 'none'}); "
-                f"`pip install {t}` or remove it"
-            )
-    note = logging.getLogger("accelerate.utils.other")
-    if not any(isinstance(f, _TiedHeadNote) for f in note.filters):
-        note.addFilter(_TiedHeadNote())
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        # Several runs in one process (the pipeline runner): each gets a fresh Accelerate state.
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-    acc = Accelerator(
-        cpu=cpu,
-        mixed_precision=None if cfg.mixed_precision == "no" else cfg.mixed_precision,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
-        step_scheduler_with_optimizer=False,
-        log_with=list(cfg.trackers) or None,
-        project_dir=cfg.out_dir,
-        dynamo_backend="inductor" if cfg.compile else None,
-    )
-    from accelerate.utils import DistributedType
-
-    if acc.distributed_type == DistributedType.DEEPSPEED and cfg.grad_accum > 1:
-        raise ConfigError(
-            "train.grad_accum > 1 is not supported under DeepSpeed (it steps on every backward); "
-            "set gradient_accumulation_steps in the DeepSpeed config instead and keep train.grad_accum=1"
-        )
-    return acc
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{key}."))
-        elif isinstance(v, (int, float, str, bool)):
-            out[key] = v
-        else:
-            out[key] = str(v)
-    return out
 
 
 # -- the trainer ------------------------------------------------------------------------------------
@@ -349,7 +223,7 @@ class Trainer:
             self._truncate_metrics(0)
         self.state = state
         if acc.trackers == [] and cfg.trackers:
-            acc.init_trackers(self.out_dir.name, config=_flat(self.run_config))
+            acc.init_trackers(self.out_dir.name, config=tracker_config(self.run_config))
 
         from tqdm.auto import tqdm
 
@@ -407,7 +281,7 @@ class Trainer:
                     if acc.check_trigger():
                         stop = True
                         break
-                _end_iteration(loader)
+                end_iteration(loader)
                 if stop:
                     if saved_at != state.step:
                         self._save(state)
@@ -550,7 +424,7 @@ class Trainer:
                     for k in ("loss", "count"):
                         key = f"{k}/{sources[g]}"
                         sums[key] = sums.get(key, 0.0) + float(stats[k][group == g].double().sum())
-        _end_iteration(loader)
+        end_iteration(loader)
         model.train(was_training)
         n = max(sums.get("count", 0.0), 1.0)
         out = {"loss": sums.get("loss", float("nan")) / n}
@@ -598,7 +472,7 @@ class Trainer:
         name = checkpoint_name(state.step)
         final = self.out_dir / CHECKPOINTS / name
         tmp = start_checkpoint(final) if self.is_main else None
-        tmp = self._share(tmp)
+        tmp = share_from_main(acc, tmp)
         try:
             acc.save_state(str(tmp))
             fault_point("checkpoint_write")
@@ -615,7 +489,8 @@ class Trainer:
         except Exception as e:
             if self.is_main:
                 discard(tmp)
-            err = storage_error(e, final, need_bytes=self._state_bytes())
+            need = resumable_bytes(acc.unwrap_model(self.model), getattr(self, "optimizer", None))
+            err = storage_error(e, final, need_bytes=need)
             if err is e:
                 raise
             raise err from None
@@ -625,24 +500,6 @@ class Trainer:
             raise
         acc.wait_for_everyone()
         return final
-
-    def _share(self, path: Path | None) -> Path:
-        """The main process's path, on every process."""
-        if self.accelerator.num_processes == 1:
-            return path  # type: ignore[return-value]
-        from accelerate.utils import broadcast_object_list
-
-        return Path(broadcast_object_list([str(path) if path is not None else None], from_process=0)[0])
-
-    def _state_bytes(self) -> int:
-        """About what a resumable checkpoint takes: model and optimizer tensors (the rest is small)."""
-        model = self.accelerator.unwrap_model(self.model)
-        unique = {t.data_ptr(): t for t in model.state_dict().values()}  # a tied head is stored once
-        n = tensor_bytes(unique)
-        opt = getattr(self, "optimizer", None)
-        for st in opt.state.values() if opt is not None else []:
-            n += sum(t.numel() * t.element_size() for t in st.values() if torch.is_tensor(t))
-        return n
 
     def _load(self, path: Path) -> TrainState:
         acc, cfg = self.accelerator, self.cfg
@@ -763,11 +620,3 @@ def source_names_of(dataset) -> list[str] | None:
     """The names of a dataset's `source` ClassLabel column (pretraining validation from several sources)."""
     feature = (getattr(dataset, "features", None) or {}).get("source")
     return list(feature.names) if hasattr(feature, "names") else None
-
-
-def _end_iteration(loader) -> None:
-    """Tell Accelerate an abandoned loader iteration is over (it only does so when exhausted)."""
-    end = getattr(loader, "end", None)
-    if callable(end):
-        with contextlib.suppress(Exception):
-            end()
