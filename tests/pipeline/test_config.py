@@ -14,7 +14,8 @@ import yaml
 from gptforge.cli import COMMANDS, main
 from gptforge.errors import ConfigError
 from gptforge.model.config import GPTConfig
-from gptforge.pipeline.config import RUNNER_FILLED, STAGE_CONFIGS, VERBS, parse_argv
+from gptforge.pipeline.cli_args import VERBS, parse_argv
+from gptforge.pipeline.config import RUNNER_FILLED, STAGE_CONFIGS
 from gptforge.pipeline.runner import load_pipeline, stage_config
 from gptforge.schema import known_keys, set_dotted
 

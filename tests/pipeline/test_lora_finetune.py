@@ -20,8 +20,8 @@ from gptforge.model.gpt import GPT
 from gptforge.model.load import is_model_dir, load_model
 from gptforge.model.lora import is_adapter, load_adapter, lora_modules, merge_lora
 from gptforge.pipeline.config import load_config
+from gptforge.pipeline.runinfo import read_metrics
 from gptforge.pipeline.train import run_classify
-from gptforge.pipeline.trainer import read_metrics
 
 E, L, R = 32, 2, 4
 

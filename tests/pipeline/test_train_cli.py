@@ -11,7 +11,8 @@ import yaml
 
 from gptforge.cli import main
 from gptforge.errors import ConfigError
-from gptforge.pipeline.config import ClassifyConfig, load_config, parse_config
+from gptforge.pipeline.cli_args import parse_config
+from gptforge.pipeline.config import ClassifyConfig, load_config
 from gptforge.pipeline.train import build_model
 
 

@@ -15,9 +15,10 @@ from safetensors.torch import load_file
 from gptforge.model.checkpoint import load_checkpoint, read_metadata
 from gptforge.model.config import GPTConfig
 from gptforge.model.gpt import GPT
+from gptforge.pipeline.checkpoints import FINAL
 from gptforge.pipeline.config import EvaluateConfig, load_config
+from gptforge.pipeline.runinfo import read_metrics
 from gptforge.pipeline.train import run_classify, run_instruct, run_pretrain, set_trainable
-from gptforge.pipeline.trainer import FINAL, read_metrics
 
 
 @pytest.fixture(scope="module", autouse=True)

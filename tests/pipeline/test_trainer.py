@@ -18,15 +18,11 @@ from gptforge.machine import cpu_has_native_bf16
 from gptforge.model.checkpoint import load_checkpoint as load_model
 from gptforge.model.config import GPTConfig
 from gptforge.model.gpt import GPT
+from gptforge.pipeline.checkpoints import FINAL, list_checkpoints
 from gptforge.pipeline.config import TrainConfig
-from gptforge.pipeline.trainer import (
-    FINAL,
-    Trainer,
-    list_checkpoints,
-    lr_lambda,
-    param_groups,
-    read_metrics,
-)
+from gptforge.pipeline.optim import lr_lambda, param_groups
+from gptforge.pipeline.runinfo import read_metrics
+from gptforge.pipeline.trainer import Trainer
 
 VOCAB = 97
 
@@ -275,7 +271,7 @@ def test_torch_compile_matches_eager(tmp_path):
 def test_optimizer_is_fused_adamw_with_decay_groups():
     from gptforge.model import GPT, GPTConfig
     from gptforge.pipeline.config import TrainConfig
-    from gptforge.pipeline.trainer import make_optimizer
+    from gptforge.pipeline.optim import make_optimizer
 
     model = GPT(GPTConfig.from_preset("test-tiny"))
     opt = make_optimizer(model, TrainConfig(lr=1e-3, weight_decay=0.1))

@@ -14,9 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from gptforge.pipeline.checkpoints import FINAL
 from gptforge.pipeline.config import load_config
+from gptforge.pipeline.runinfo import read_metrics
 from gptforge.pipeline.train import run_pretrain
-from gptforge.pipeline.trainer import FINAL, read_metrics
 
 
 @pytest.fixture(scope="module")

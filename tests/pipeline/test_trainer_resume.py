@@ -15,9 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from gptforge.pipeline.checkpoints import FINAL, list_checkpoints
 from gptforge.pipeline.config import load_config
+from gptforge.pipeline.runinfo import read_metrics
 from gptforge.pipeline.train import run_pretrain
-from gptforge.pipeline.trainer import FINAL, list_checkpoints, read_metrics
 
 TOTAL = 36  # 36 train blocks of 16 tokens, batch 2 -> 18 steps an epoch, 2 epochs
 

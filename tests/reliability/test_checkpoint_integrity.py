@@ -16,9 +16,11 @@ from safetensors.torch import load_file
 from gptforge.cli import main as cli_main
 from gptforge.errors import CheckpointError
 from gptforge.io import FILE_MANIFEST
+from gptforge.pipeline.checkpoints import FINAL, find_resume_checkpoint, list_checkpoints
 from gptforge.pipeline.config import load_config
+from gptforge.pipeline.runinfo import read_metrics
 from gptforge.pipeline.train import run_pretrain
-from gptforge.pipeline.trainer import FINAL, Trainer, find_resume_checkpoint, list_checkpoints, read_metrics
+from gptforge.pipeline.trainer import Trainer
 
 STOP_AT = 6  # the interrupted run saves at 3 and 6 and stops; the whole run is 9 steps (one epoch)
 

@@ -242,7 +242,7 @@ def test_full_disk_during_final_save_is_one_line_and_leaves_nothing(made, tmp_pa
     line = one_line(capsys)
     assert str(out / "final") in line and "no space left" in line and "needs about 6.2 MB" in line, line
     assert not [p.name for p in out.iterdir() if p.name.startswith(".") or p.name == "final"]
-    from gptforge.pipeline.trainer import list_checkpoints, verify_checkpoint
+    from gptforge.pipeline.checkpoints import list_checkpoints, verify_checkpoint
 
     (last,) = list_checkpoints(out)  # the end of training is saved and intact: a resume only writes final/
     verify_checkpoint(last)

@@ -58,7 +58,7 @@ def _print_summary(metrics: dict, out_dir: Path) -> None:
 
 
 def evaluate(argv: list[str]) -> int:
-    from gptforge.pipeline.config import cli_config
+    from gptforge.pipeline.cli_args import cli_config
 
     cfg = cli_config("evaluate", _template_file(argv))
     if cfg is None:
@@ -127,7 +127,7 @@ def read_texts(path: str | Path, column: str | None = None) -> list[str]:
 
 
 def classify(argv: list[str]) -> int:
-    from gptforge.pipeline.config import cli_config
+    from gptforge.pipeline.cli_args import cli_config
 
     ns = cli_config("classify", argv)
     if ns is None:

@@ -88,7 +88,7 @@ HEADER = (
 
 def info(argv: list[str]) -> int:
     """Presets (or one preset, or a checkpoint dir): sizes and the memory training them needs."""
-    from gptforge.pipeline.config import cli_config
+    from gptforge.pipeline.cli_args import cli_config
 
     args = cli_config("info", argv)
     if args is None:
@@ -139,7 +139,7 @@ def info(argv: list[str]) -> int:
 # -- generate ----------------------------------------------------------------------------------------
 def generate(argv: list[str]) -> int:
     """Continue one or more prompts with a gptforge checkpoint; prints the continuation of each."""
-    from gptforge.pipeline.config import cli_config
+    from gptforge.pipeline.cli_args import cli_config
 
     args = cli_config("generate", argv)
     if args is None:

@@ -36,7 +36,7 @@ def merge(argv: list[str]) -> int:
     from gptforge.export.peft import export_peft, verify_peft
     from gptforge.model.checkpoint import save_checkpoint
     from gptforge.model.lora import describe_trainable, load_adapter, lora_config, merge_lora
-    from gptforge.pipeline.config import cli_config
+    from gptforge.pipeline.cli_args import cli_config
 
     args = cli_config("merge", argv)
     if args is None:

@@ -57,7 +57,7 @@ def _report(model, out: Path, what: str) -> None:
 
 
 def convert(argv: list[str]) -> int:
-    from gptforge.pipeline.config import cli_config
+    from gptforge.pipeline.cli_args import cli_config
 
     args = cli_config("convert", argv)
     if args is None:
@@ -86,7 +86,7 @@ def convert(argv: list[str]) -> int:
 
 
 def export(argv: list[str]) -> int:
-    from gptforge.pipeline.config import cli_config
+    from gptforge.pipeline.cli_args import cli_config
 
     args = cli_config("export", argv)
     if args is None:

@@ -16,7 +16,7 @@ FINETUNE_TASKS = {
 
 
 def _run(task: str, argv: list[str], prog: str) -> int:
-    from gptforge.pipeline.config import cli_config
+    from gptforge.pipeline.cli_args import cli_config
 
     cfg = cli_config(task if task == "pretrain" else f"finetune {task}", argv)
     if cfg is None:  # --help or --print-config answered

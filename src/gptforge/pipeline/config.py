@@ -8,14 +8,14 @@ runner fills (`RUNNER_FILLED`), plus `models`.
 
 Every source (a `--config` file, flags, a stage section, `--set`, `quick:`) becomes a mapping that
 `config_from_mapping` validates through `gptforge.schema.from_dict`: one error path, one line, exact keys.
-Field docstrings are the `--help` text.
+Field docstrings are the `--help` text; the command line itself (flags, `--help`, `--print-config`) is
+`pipeline.cli_args`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import inspect
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,18 +26,13 @@ from gptforge.errors import ConfigError
 from gptforge.model.lora import LoRAConfig
 from gptforge.pipeline.judge import JudgeConfig
 from gptforge.schema import (
-    _dataclass_in,
-    field_docs,
     from_dict,
-    hints,
     known_keys,
     leaf_keys,
     load_yaml_mapping,
-    merge,
     set_dotted,
     suggest,
     type_at,
-    type_name,
 )
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -497,42 +492,6 @@ def stage_keys(stage: str) -> list[str]:
     return [k for k in known_keys(STAGE_CONFIGS[stage]) if k not in filled]
 
 
-@dataclass(frozen=True)
-class Cli:
-    """How a verb's command line maps onto its config: positional fields and short flag spellings."""
-
-    cls: type
-    prog: str
-    positionals: tuple[str, ...] = ()
-    """Fields filled by positional arguments in order; a list field takes the rest."""
-    aliases: dict[str, str] = field(default_factory=dict)
-    """Flag (dashes as underscores) -> dotted key, for the spellings the verb had before its config."""
-
-
-_EVAL_DATA = ("text_column", "label_column", "max_length", "prompt_style", "limit")
-VERBS: dict[str, Cli] = {
-    "pretrain": Cli(PretrainConfig, "gptforge pretrain", aliases={"resume": "train.resume"}),
-    "finetune classify": Cli(
-        ClassifyConfig, "gptforge finetune classify", aliases={"resume": "train.resume"}
-    ),
-    "finetune instruct": Cli(
-        InstructConfig, "gptforge finetune instruct", aliases={"resume": "train.resume"}
-    ),
-    "evaluate": Cli(
-        EvaluateConfig,
-        "gptforge evaluate",
-        ("checkpoint",),
-        {"data": "data.dataset", "test_data": "data.test_sources", **{k: f"data.{k}" for k in _EVAL_DATA}},
-    ),
-    "classify": Cli(ClassifyTextsConfig, "gptforge classify", ("checkpoint", "texts")),
-    "export": Cli(ExportConfig, "gptforge export", ("checkpoint",)),
-    "convert": Cli(ConvertConfig, "gptforge convert"),
-    "generate": Cli(GenerateConfig, "gptforge generate", ("checkpoint", "prompts")),
-    "merge": Cli(MergeConfig, "gptforge merge", ("adapter",)),
-    "info": Cli(InfoConfig, "gptforge info", ("target",)),
-}
-
-
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         close = difflib.get_close_matches(str(value), choices, n=1)
@@ -630,10 +589,12 @@ def config_from_mapping(
         raise ConfigError(f"{prefix}{e}") from None
 
 
-# -- the command line -------------------------------------------------------------------------------------
+# -- mappings: where keys came from -----------------------------------------------------------------
 
 
-def _origin_lookup(origins: dict[str, str]) -> Callable[[str], str]:
+def origin_lookup(origins: dict[str, str]) -> Callable[[str], str]:
+    """Where a dotted key came from (`FILE: ` or '' for a flag), for error messages; a key's parents count."""
+
     def where(key: str) -> str:
         k = key.split("[", 1)[0]
         while k:
@@ -645,236 +606,14 @@ def _origin_lookup(origins: dict[str, str]) -> Callable[[str], str]:
     return where
 
 
-def parse_argv(verb: str, argv: list[str]) -> tuple[Any, bool]:
-    """A verb's argv -> (config, print_config_requested). `--config FILE` and flags apply in the order given.
-
-    Flags are exact dotted keys (`--train.lr 1e-4`, `--judge.url=...`; dashes may stand for underscores);
-    a bool key alone means true and `--no-KEY` false; an optional section alone (`--judge`) turns it on
-    with its defaults; repeating a list key adds items.
-    """
-    spec = VERBS[verb]
-    cls = spec.cls
-    data: dict = {}
-    origins: dict[str, str] = {}
-    positionals: list[str] = []
-    show = False
-    repeated: set[str] = set()
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        i += 1
-        if arg == "--":
-            positionals += argv[i:]
-            break
-        if not arg.startswith("-") or arg == "-" or _is_number(arg):
-            positionals.append(arg)
-            continue
-        if not arg.startswith("--"):
-            raise ConfigError(f"unknown option {arg!r}; see `{spec.prog} --help`")
-        name, eq, text = arg[2:].partition("=")
-        key = name.replace("-", "_")
-        if key == "print_config":
-            show = _bool_text(text, "--print-config") if eq else True
-            continue
-        if key == "config":
-            if not eq:
-                if i >= len(argv):
-                    raise ConfigError("--config needs a YAML file")
-                text, i = argv[i], i + 1
-            if not Path(text).is_file():
-                raise ConfigError(f"--config {text}: file not found")
-            loaded = load_yaml_mapping(text)
-            merge(data, loaded)
-            origins.update({k: f"{text}: " for k in leaf_keys(loaded)})
-            continue
-        key = spec.aliases.get(key, key)
-        tp = type_at(cls, key)
-        value: Any
-        if tp is None and key.startswith("no_") and _is_bool(type_at(cls, key[3:])) and not eq:
-            key, tp, value = key[3:], type_at(cls, key[3:]), False
-        elif tp is None:
-            raise ConfigError(f"unknown config key {key!r}; {suggest(key, known_keys(cls))}")
-        elif eq:
-            value = text
-        elif _is_bool(tp):
-            nxt = argv[i].lower() if i < len(argv) else ""
-            value = True
-            if nxt in ("true", "false"):
-                value, i = nxt == "true", i + 1
-        elif _dataclass_optional(tp):  # `--judge`: on, with defaults (sub-keys still apply)
-            value = {}
-            if key in _flat(data):
-                continue
-        elif _dataclass_in(tp) is not None:
-            raise ConfigError(
-                f"--{name} is a section; give its keys, e.g. --{name}.{known_keys(_dataclass_in(tp))[0]}"
-            )
-        else:
-            if i >= len(argv):
-                raise ConfigError(f"--{name} needs a value")
-            value, i = argv[i], i + 1
-        if key in repeated and _is_list(tp):
-            prev = _get_dotted(data, key)
-            value = [*(prev if isinstance(prev, list) else [prev]), value]
-        repeated.add(key)
-        _set(data, key, value)
-        origins[key] = ""
-    _assign_positionals(spec, positionals, data, origins)
-    cfg = config_from_mapping(cls, data, where=_origin_lookup(origins))
-    return cfg, show
-
-
-def _assign_positionals(spec: Cli, positionals: list[str], data: dict, origins: dict) -> None:
-    names = list(spec.positionals)
-    for n, name in enumerate(names):
-        if not positionals:
-            return
-        if _is_list(type_at(spec.cls, name)) and n == len(names) - 1:
-            data[name], positionals = list(positionals), []
-        else:
-            data[name] = positionals.pop(0)
-        origins[name] = ""
-    if positionals:
-        takes = " ".join(n.upper() for n in names) or "no positional arguments"
-        raise ConfigError(f"unexpected argument {positionals[0]!r}; `{spec.prog}` takes {takes}")
-
-
-def _set(data: dict, key: str, value: Any) -> None:
+def set_key(data: dict, key: str, value: Any) -> None:
+    """`set_dotted`, replacing a section given a plain value earlier (e.g. `judge: null` in a file)."""
     try:
         set_dotted(data, key, value)
-    except ConfigError:  # a section given a plain value earlier (e.g. `judge: null` in a file)
+    except ConfigError:
         parent = key.rpartition(".")[0]
         set_dotted(data, parent, {})
         set_dotted(data, key, value)
-
-
-def _get_dotted(data: dict, key: str) -> Any:
-    for part in key.split("."):
-        data = data[part]
-    return data
-
-
-def _flat(data: dict) -> set[str]:
-    out = set()
-    for k in leaf_keys(data):
-        parts = k.split(".")
-        out.update(".".join(parts[: n + 1]) for n in range(len(parts)))
-    return out
-
-
-def _is_bool(tp: Any) -> bool:
-    import typing
-
-    return tp is bool or (tp is not None and set(typing.get_args(tp)) == {bool, type(None)})
-
-
-def _is_list(tp: Any) -> bool:
-    import typing
-
-    if tp is None:
-        return False
-    return typing.get_origin(tp) is list or any(typing.get_origin(a) is list for a in typing.get_args(tp))
-
-
-def _dataclass_optional(tp: Any) -> bool:
-    import typing
-
-    return _dataclass_in(tp) is not None and type(None) in typing.get_args(tp)
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
-
-
-def _bool_text(text: str, flag: str) -> bool:
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    raise ConfigError(f"{flag}={text!r}: expected true or false")
-
-
-def format_help(verb: str) -> str:
-    """`--help` of a verb: every key of its config with type, default and field docstring."""
-    spec = VERBS[verb]
-    cls = spec.cls
-    pos = " ".join(f"[{n.upper()}{' ...' if _is_list(type_at(cls, n)) else ''}]" for n in spec.positionals)
-    lines = [
-        f"usage: {spec.prog} {pos + ' ' if pos else ''}[--config FILE.yaml] [--print-config] [--KEY VALUE ...]",
-        "",
-        inspect.cleandoc(cls.__doc__ or ""),
-        "",
-        "options:",
-        "  -h, --help            show this help and exit",
-        "  --config FILE.yaml    read keys from a YAML file (later flags override it; repeatable)",
-        "  --print-config        print the resolved config as YAML (what --config accepts) and exit",
-    ]
-    if spec.positionals:
-        lines.append(f"  positional arguments fill: {', '.join(spec.positionals)}")
-    lines += _help_fields(cls, "", None)
-    inverse: dict[str, list[str]] = {}
-    for flag, key in spec.aliases.items():
-        inverse.setdefault(key, []).append("--" + flag.replace("_", "-"))
-    if inverse:
-        lines += ["", "short forms:"] + [f"  {', '.join(v)} = --{k}" for k, v in inverse.items()]
-    lines += [
-        "",
-        "Keys are exact; dashes may stand for underscores; a bool key alone means true, --no-KEY false.",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def _help_fields(cls: type, prefix: str, obj: Any) -> list[str]:
-    """Help lines of a config's fields; defaults come from `obj` (the parent's default: a task's own)."""
-    docs = field_docs(cls)
-    if obj is None:
-        try:
-            obj = cls()
-        except (TypeError, ConfigError):
-            obj = None
-    defaults = {f.name: getattr(obj, f.name) for f in dataclasses.fields(cls) if f.init} if obj else {}
-    out = []
-    sections = []
-    for name, tp in hints(cls).items():
-        sub = _dataclass_in(tp)
-        if sub is not None:
-            sections.append((name, sub, docs.get(name) or (sub.__doc__ or "").strip().splitlines()[0]))
-            continue
-        default = defaults.get(name)
-        shown = "null" if default is None else str(default).lower() if isinstance(default, bool) else default
-        out.append(f"  --{prefix}{name}  ({type_name(tp)}; default: {shown})")
-        if docs.get(name):
-            out.append(f"      {docs[name]}")
-    for name, sub, doc in sections:
-        out += ["", f"{prefix}{name}: {doc}"]
-        if _dataclass_optional(hints(cls)[name]):
-            out.append(f"  --{prefix}{name}  turn it on with its defaults (null: off)")
-        sub_obj = defaults.get(name)
-        out += _help_fields(sub, f"{prefix}{name}.", sub_obj if isinstance(sub_obj, sub) else None)
-    return out
-
-
-def parse_config(task: str, argv: list[str]) -> tuple[Any, bool]:
-    """Parse `argv` into the task's config dataclass; returns (config, print_config_requested)."""
-    return parse_argv(task if task == "pretrain" else f"finetune {task}", argv)
-
-
-def dump_config(cfg: Any, drop: tuple[str, ...] = ()) -> str:
-    """The resolved config as YAML (what `--print-config` shows and `--config` accepts); `drop` top-level keys."""
-    import yaml
-
-    d = {k: v for k, v in to_dict(cfg).items() if k not in drop}
-    return yaml.safe_dump(_yaml_safe(d), sort_keys=False)
-
-
-def _yaml_safe(obj):
-    if isinstance(obj, dict):
-        return {k: _yaml_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_yaml_safe(v) for v in obj]
-    return obj
 
 
 def load_config(task: str, path: str | Path | None = None, **overrides: Any) -> Any:
@@ -890,19 +629,6 @@ def load_config(task: str, path: str | Path | None = None, **overrides: Any) -> 
     for k, v in overrides.items():
         if type_at(TASK_CONFIGS[task], k) is None:
             raise ConfigError(f"unknown config key {k!r}; {suggest(k, known_keys(TASK_CONFIGS[task]))}")
-        _set(data, k, v)
+        set_key(data, k, v)
         origins[k] = ""
-    return config_from_mapping(TASK_CONFIGS[task], data, where=_origin_lookup(origins))
-
-
-def cli_config(verb: str, argv: list[str]) -> Any | None:
-    """A verb's config from its argv; None when `--help` or `--print-config` was answered (printed)."""
-    head = argv[: argv.index("--")] if "--" in argv else argv
-    if any(a in ("-h", "--help") for a in head):
-        print(format_help(verb), end="")
-        return None
-    cfg, show = parse_argv(verb, argv)
-    if show:
-        print(dump_config(cfg), end="")
-        return None
-    return cfg
+    return config_from_mapping(TASK_CONFIGS[task], data, where=origin_lookup(origins))

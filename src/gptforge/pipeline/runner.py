@@ -381,7 +381,7 @@ def _output_hash(stage: str, outputs: dict) -> str:
 def code_version() -> dict:
     """The code that computes a stage: gptforge's version and, in a git checkout, its commit."""
     from gptforge import __version__
-    from gptforge.pipeline.trainer import git_commit
+    from gptforge.pipeline.runinfo import git_commit
 
     return {"gptforge": __version__, "git": git_commit()}
 

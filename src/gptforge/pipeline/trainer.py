@@ -11,23 +11,16 @@ Why it is written the way it is:
   optimizer, scheduler and RNG, `trainer_state.json` stores where in the epoch we were, and
   `skip_first_batches` replays the rest of the epoch. The data loaders get their own generator so that
   creating an iterator never consumes the global RNG (which drives dropout).
-- Checkpoints are written to a temporary directory (io's `.step-N.tmp-PID-XXXXXX` naming, so the next run
-  removes what a killed one left) with `files.sha256.json` written last, then renamed into place. Resume
-  checks that manifest (sizes and sha256): `--resume auto` skips a damaged checkpoint with one warning and
-  takes the newest intact one; a damaged checkpoint named explicitly stops the run.
+- The trainer decides when to save and what a save holds; the files of a run dir (temp dirs, manifests
+  written last and verified on resume, rotation, `final/`) are `pipeline.checkpoints`' job.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
-import os
-import re
-import shutil
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -39,33 +32,35 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gptforge.errors import CheckpointError, ConfigError, TrainingError
-from gptforge.io import (
-    atomic_dir,
-    clean_stale_temps,
-    fault_point,
-    fix_modes,
-    storage_error,
-    temp_path,
-    verify_file_manifest,
-    write_file_manifest,
-    write_json,
-    write_text,
-)
-from gptforge.machine import cpu_has_native_bf16, keep_freed_memory, release_freed_memory
-from gptforge.model.checkpoint import save_checkpoint, state_dict_for_save, tensor_bytes
+from gptforge.errors import ConfigError, TrainingError
+from gptforge.io import fault_point, storage_error, write_json, write_text
+from gptforge.machine import keep_freed_memory, release_freed_memory
 from gptforge.model.config import IGNORE_INDEX
 from gptforge.model.gpt import GPT
-from gptforge.model.lora import adapter_state_dict, describe_trainable, lora_config, save_adapter
+from gptforge.model.lora import describe_trainable
+from gptforge.pipeline.accelerator import end_iteration, make_accelerator, share_from_main, tracker_config
+from gptforge.pipeline.checkpoints import (
+    CHECKPOINTS,
+    FINAL,
+    LOSS_PNG,
+    METRICS,
+    checkpoint_name,
+    clean_run_dir,
+    discard,
+    find_resume_checkpoint,
+    finish_checkpoint,
+    list_checkpoints,
+    read_checkpoint_state,
+    resumable_bytes,
+    rotate_checkpoints,
+    start_checkpoint,
+    write_final,
+)
 from gptforge.pipeline.config import TrainConfig
+from gptforge.pipeline.evaluate.report import plot_losses
 from gptforge.pipeline.lora_state import register_adapter_checkpointing
-
-CHECKPOINTS = "checkpoints"
-FINAL = "final"
-METRICS = "metrics.jsonl"
-STATE = "trainer_state.json"
-LOSS_PNG = "loss.png"
-_STEP_DIR = re.compile(r"step-(\d+)")
+from gptforge.pipeline.optim import lr_lambda, make_optimizer
+from gptforge.pipeline.runinfo import git_commit, package_versions, read_metrics
 
 
 class RunResult(NamedTuple):
@@ -96,240 +91,6 @@ class TrainState:
     seed: int = 0
 
 
-# -- helpers ----------------------------------------------------------------------------------------
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay only Linear weights; biases, LayerNorms and embeddings (incl. tied head) never."""
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    seen: set[int] = set()
-    for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            if not p.requires_grad or id(p) in seen:
-                continue
-            seen.add(id(p))
-            is_matrix = isinstance(module, nn.Linear) and name in ("weight", "lora_A", "lora_B")
-            (decay if is_matrix and weight_decay > 0 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
-
-
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over `param_groups`; the fused kernel where every parameter lives on CPU or CUDA.
-
-    On CPU the fused step is about 10x the default foreach one, which matters for a small model whose
-    50k-token embedding is most of its parameters.
-    """
-    groups = param_groups(model, cfg.weight_decay)
-    fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused or None)
-
-
-def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float):
-    """LR multiplier of optimizer step s (0-based): linear warmup, then cosine / linear / constant."""
-
-    def f(s: int) -> float:
-        if s < warmup:
-            return (s + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        progress = min(1.0, (s - warmup) / max(1, total - warmup))
-        if schedule == "linear":
-            return 1.0 - (1.0 - min_ratio) * progress
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return f
-
-
-def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
-    """Complete resumable checkpoints of a run, oldest first (temporary dirs are never listed)."""
-    root = Path(out_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = [
-        (int(m.group(1)), p)
-        for p in root.iterdir()
-        if (m := _STEP_DIR.fullmatch(p.name)) and (p / STATE).is_file()
-    ]
-    return [p for _, p in sorted(found)]
-
-
-_RESUME_FIX = "resume from another checkpoint (train.resume auto skips damaged ones) or start a new out_dir"
-
-
-def verify_checkpoint(path: str | os.PathLike, fix: str = _RESUME_FIX) -> None:
-    """A resumable checkpoint must match its files.sha256.json (sizes and sha256); CheckpointError names the
-    first file that does not. A checkpoint without one is incomplete (or from before manifests)."""
-    verify_file_manifest(path, required=True, deep=True, fix=fix)
-
-
-def find_resume_checkpoint(resume: str | None, out_dir: str | os.PathLike, warn: bool = True) -> Path | None:
-    """`auto` -> the newest intact checkpoint of `out_dir` (None if there is none); a path -> that checkpoint.
-
-    With `auto`, a checkpoint that fails its integrity check is skipped with one warning line naming the
-    file; a checkpoint named explicitly must be intact (CheckpointError otherwise).
-    """
-    if not resume:
-        return None
-    if resume == "auto":
-        found = list_checkpoints(out_dir)
-        for p in reversed(found):
-            try:
-                verify_checkpoint(p, fix="skipped; trying an older checkpoint")
-                return p
-            except CheckpointError as e:
-                if warn:
-                    print(f"warning: train.resume=auto: {e}", file=sys.stderr)
-        if found and warn:
-            print(
-                f"warning: no intact checkpoint in {Path(out_dir) / CHECKPOINTS}; starting from step 0",
-                file=sys.stderr,
-            )
-        return None
-    p = Path(resume)
-    if not (p / STATE).is_file():
-        raise ConfigError(
-            f"train.resume={resume}: not a resumable checkpoint (no {STATE}); "
-            f"use `auto` or a dir under {Path(out_dir) / CHECKPOINTS}"
-        )
-    verify_checkpoint(p)
-    return p
-
-
-def package_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": sys.version.split()[0]}
-    for name in ("gptforge", "torch", "accelerate", "transformers", "datasets", "tiktoken", "safetensors"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
-
-
-def git_commit() -> str | None:
-    """The commit of the gptforge source tree, when it is a git checkout."""
-    here = Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def plot_losses(records: list[dict], path: Path) -> None:
-    """Training and validation loss against optimizer steps (matplotlib, Agg)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r and isinstance(r["loss"], float)]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r and not r.get("final")]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if train:
-        ax.plot(*zip(*train), label="training loss")
-    if val:
-        ax.plot(*zip(*val), marker="o", linestyle="-.", label="validation loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def read_metrics(path: str | os.PathLike) -> list[dict]:
-    p = Path(path)
-    if not p.is_file():
-        return []
-    return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-class _TiedHeadNote(logging.Filter):
-    """Accelerate warns that it stored the tied LM head once; that is exactly what we want."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Removed shared tensor {'lm_head.weight'}" not in record.getMessage()
-
-
-def make_accelerator(cfg: TrainConfig):
-    """One Accelerator per run; in a single process a previous run's Accelerate state is reset first."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-    from accelerate.tracking import get_available_trackers
-    from accelerate.utils import DataLoaderConfiguration, LoggerType
-
-    cpu = cfg.cpu or not torch.cuda.is_available()
-    if cfg.mixed_precision == "fp16" and cpu:
-        raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU (loss scaling); on CPU use bf16 or no")
-    if cfg.mixed_precision == "bf16" and not cpu and not torch.cuda.is_bf16_supported():
-        raise ConfigError("train.mixed_precision=bf16: this GPU has no bf16 support; use fp16 or no")
-    if cfg.mixed_precision == "bf16" and cpu and cpu_has_native_bf16() is False:
-        import warnings
-
-        warnings.warn(
-            "train.mixed_precision=bf16 on a CPU without bf16 units (no avx512_bf16/amx_bf16): "
-            "autocast still works but is likely slower than fp32",
-            stacklevel=2,
-        )
-    available = {str(t) for t in get_available_trackers()}
-    known = [str(t) for t in LoggerType if str(t) != "all"]
-    for t in cfg.trackers:
-        if t not in known:
-            import difflib
-
-            close = difflib.get_close_matches(t, known, n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"use one of {', '.join(known)}"
-            raise ConfigError(f"train.trackers: unknown tracker {t!r}; {hint}")
-        if t not in available:
-            raise ConfigError(
-                f"train.trackers: {t!r} is not installed (available: {sorted(available) or 'none'}); "
-                f"`pip install {t}` or remove it"
-            )
-    note = logging.getLogger("accelerate.utils.other")
-    if not any(isinstance(f, _TiedHeadNote) for f in note.filters):
-        note.addFilter(_TiedHeadNote())
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        # Several runs in one process (the pipeline runner): each gets a fresh Accelerate state.
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-    acc = Accelerator(
-        cpu=cpu,
-        mixed_precision=None if cfg.mixed_precision == "no" else cfg.mixed_precision,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
-        step_scheduler_with_optimizer=False,
-        log_with=list(cfg.trackers) or None,
-        project_dir=cfg.out_dir,
-        dynamo_backend="inductor" if cfg.compile else None,
-    )
-    from accelerate.utils import DistributedType
-
-    if acc.distributed_type == DistributedType.DEEPSPEED and cfg.grad_accum > 1:
-        raise ConfigError(
-            "train.grad_accum > 1 is not supported under DeepSpeed (it steps on every backward); "
-            "set gradient_accumulation_steps in the DeepSpeed config instead and keep train.grad_accum=1"
-        )
-    return acc
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{key}."))
-        elif isinstance(v, (int, float, str, bool)):
-            out[key] = v
-        else:
-            out[key] = str(v)
-    return out
-
-
 # -- the trainer ------------------------------------------------------------------------------------
 
 
@@ -354,8 +115,7 @@ class Trainer:
         # a bad --train.resume fails now, before any data is prepared
         self.resume_from = find_resume_checkpoint(cfg.resume, self.out_dir, warn=self.is_main)
         if self.is_main:  # what killed runs left: temp checkpoint and final dirs of dead writers
-            clean_stale_temps(self.out_dir / CHECKPOINTS)
-            clean_stale_temps(self.out_dir)
+            clean_run_dir(self.out_dir)
         register_adapter_checkpointing(self.accelerator)  # LoRA: resumable checkpoints hold only the adapter
         set_seed(cfg.seed)
         self._signal: int | None = None
@@ -463,7 +223,7 @@ class Trainer:
             self._truncate_metrics(0)
         self.state = state
         if acc.trackers == [] and cfg.trackers:
-            acc.init_trackers(self.out_dir.name, config=_flat(self.run_config))
+            acc.init_trackers(self.out_dir.name, config=tracker_config(self.run_config))
 
         from tqdm.auto import tqdm
 
@@ -521,7 +281,7 @@ class Trainer:
                     if acc.check_trigger():
                         stop = True
                         break
-                _end_iteration(loader)
+                end_iteration(loader)
                 if stop:
                     if saved_at != state.step:
                         self._save(state)
@@ -664,7 +424,7 @@ class Trainer:
                     for k in ("loss", "count"):
                         key = f"{k}/{sources[g]}"
                         sums[key] = sums.get(key, 0.0) + float(stats[k][group == g].double().sum())
-        _end_iteration(loader)
+        end_iteration(loader)
         model.train(was_training)
         n = max(sums.get("count", 0.0), 1.0)
         out = {"loss": sums.get("loss", float("nan")) / n}
@@ -709,16 +469,10 @@ class Trainer:
         save or run does not remove; a failed one (a full disk) removes it at once and is one line.
         """
         acc = self.accelerator
-        root = self.out_dir / CHECKPOINTS
-        name = f"step-{state.step:08d}"
-        final = root / name
-        tmp = None
-        if self.is_main:
-            root.mkdir(parents=True, exist_ok=True)
-            clean_stale_temps(root)
-            tmp = temp_path(final)
-            tmp.mkdir()
-        tmp = self._share(tmp)
+        name = checkpoint_name(state.step)
+        final = self.out_dir / CHECKPOINTS / name
+        tmp = start_checkpoint(final) if self.is_main else None
+        tmp = share_from_main(acc, tmp)
         try:
             acc.save_state(str(tmp))
             fault_point("checkpoint_write")
@@ -728,59 +482,28 @@ class Trainer:
             if score is not None and (state.best_val_loss is None or score < state.best_val_loss):
                 state.best_val_loss, state.best_step = score, state.step
             if self.is_main:
-                write_json(tmp / STATE, asdict(state))
-                fix_modes(tmp)  # umask permissions, not the 0600 safetensors gives its files
-                write_file_manifest(tmp)  # last: it is what marks the checkpoint complete
-                if final.exists():
-                    _remove_dir(final)
-                os.replace(tmp, final)
-                self._rotate(state)
+                finish_checkpoint(tmp, final, asdict(state))
+                # keep the last `keep_last` checkpoints and the best one (lowest val_loss at save time)
+                for removed in rotate_checkpoints(self.out_dir, self.cfg.keep_last, state.best_step):
+                    state.scores.pop(removed, None)
         except Exception as e:
             if self.is_main:
-                shutil.rmtree(tmp, ignore_errors=True)
-            err = storage_error(e, final, need_bytes=self._state_bytes())
+                discard(tmp)
+            need = resumable_bytes(acc.unwrap_model(self.model), getattr(self, "optimizer", None))
+            err = storage_error(e, final, need_bytes=need)
             if err is e:
                 raise
             raise err from None
         except BaseException:
             if self.is_main:
-                shutil.rmtree(tmp, ignore_errors=True)
+                discard(tmp)
             raise
         acc.wait_for_everyone()
         return final
 
-    def _share(self, path: Path | None) -> Path:
-        """The main process's path, on every process."""
-        if self.accelerator.num_processes == 1:
-            return path  # type: ignore[return-value]
-        from accelerate.utils import broadcast_object_list
-
-        return Path(broadcast_object_list([str(path) if path is not None else None], from_process=0)[0])
-
-    def _state_bytes(self) -> int:
-        """About what a resumable checkpoint takes: model and optimizer tensors (the rest is small)."""
-        model = self.accelerator.unwrap_model(self.model)
-        unique = {t.data_ptr(): t for t in model.state_dict().values()}  # a tied head is stored once
-        n = tensor_bytes(unique)
-        opt = getattr(self, "optimizer", None)
-        for st in opt.state.values() if opt is not None else []:
-            n += sum(t.numel() * t.element_size() for t in st.values() if torch.is_tensor(t))
-        return n
-
-    def _rotate(self, state: TrainState) -> None:
-        """Keep the last `keep_last` checkpoints and the best one (lowest val_loss at save time)."""
-        found = list_checkpoints(self.out_dir)
-        best = f"step-{state.best_step:08d}" if state.best_step is not None else None
-        for p in found[: max(0, len(found) - self.cfg.keep_last)]:
-            if p.name != best:
-                _remove_dir(p)
-                state.scores.pop(p.name, None)
-
     def _load(self, path: Path) -> TrainState:
         acc, cfg = self.accelerator, self.cfg
-        verify_checkpoint(path)  # again: cheap (hashes are cached), and the dir may have changed since
-        raw = json.loads((path / STATE).read_text(encoding="utf-8"))
-        state = TrainState(**raw)
+        state = TrainState(**read_checkpoint_state(path))
         now = {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "num_processes": acc.num_processes}
         for k, v in now.items():
             if getattr(state, k) != v:
@@ -886,24 +609,9 @@ class Trainer:
                     plot_losses(read_metrics(self.out_dir / METRICS), self.out_dir / LOSS_PNG)
                 except Exception as e:  # a plot must never lose a trained model
                     print(f"warning: could not plot losses: {e}", file=sys.stderr)
-
-            def write(tmp: Path) -> None:
-                meta = {"run.json": run, **self.metadata}
-                if lora_config(model) is not None:  # adapter + head only; the frozen base stays where it was
-                    save_adapter(
-                        model, tmp, base=(self.run_config.get("model") or {}).get("init"), metadata=meta
-                    )
-                else:
-                    save_checkpoint(model, tmp, metadata=meta)
-                shutil.copyfile(self.out_dir / METRICS, tmp / METRICS)
-                if self.cfg.plot and (self.out_dir / LOSS_PNG).is_file():
-                    shutil.copyfile(self.out_dir / LOSS_PNG, tmp / LOSS_PNG)
-                write_file_manifest(tmp)  # again, last: it now covers metrics.jsonl and loss.png too
-
-            weights = (
-                adapter_state_dict(model) if lora_config(model) is not None else state_dict_for_save(model)
-            )
-            atomic_dir(out, write, need_bytes=tensor_bytes(weights))
+            meta = {"run.json": run, **self.metadata}
+            base = (self.run_config.get("model") or {}).get("init")  # a LoRA adapter's base
+            write_final(self.out_dir, model, meta, base=base, plot=self.cfg.plot)
         self.accelerator.wait_for_everyone()
         return out
 
@@ -912,19 +620,3 @@ def source_names_of(dataset) -> list[str] | None:
     """The names of a dataset's `source` ClassLabel column (pretraining validation from several sources)."""
     feature = (getattr(dataset, "features", None) or {}).get("source")
     return list(feature.names) if hasattr(feature, "names") else None
-
-
-def _remove_dir(p: Path) -> None:
-    """Rename out of the way first: a kill mid-delete then leaves a `.NAME.old-PID-*` dir that the next run
-    removes, not a half-deleted checkpoint under its real name."""
-    old = temp_path(p, "old")
-    os.replace(p, old)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _end_iteration(loader) -> None:
-    """Tell Accelerate an abandoned loader iteration is over (it only does so when exhausted)."""
-    end = getattr(loader, "end", None)
-    if callable(end):
-        with contextlib.suppress(Exception):
-            end()

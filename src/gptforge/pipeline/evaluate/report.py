@@ -68,6 +68,23 @@ def plot_histogram(
     return Path(path)
 
 
+def plot_losses(records: list[dict], path: str | os.PathLike) -> None:
+    """A run's loss.png: training and validation loss against optimizer steps, from its metrics.jsonl records."""
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r and isinstance(r["loss"], float)]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r and not r.get("final")]
+    fig = _figure(6, 4)
+    ax = fig.add_subplot()
+    if train:
+        ax.plot(*zip(*train), label="training loss")
+    if val:
+        ax.plot(*zip(*val), marker="o", linestyle="-.", label="validation loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
 # -- reports ------------------------------------------------------------------------------------------
 def _classify_section(split: str, m: dict) -> list[str]:
     lines = [
