@@ -16,7 +16,7 @@ from gptforge.errors import ConfigError
 from gptforge.model.config import GPTConfig
 from gptforge.pipeline.cli_args import VERBS, parse_argv
 from gptforge.pipeline.config import RUNNER_FILLED, STAGE_CONFIGS
-from gptforge.pipeline.runner import load_pipeline, stage_config
+from gptforge.pipeline.stages import load_pipeline, stage_config
 from gptforge.schema import known_keys, set_dotted
 
 STAGE_VERB = {

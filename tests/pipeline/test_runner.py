@@ -15,7 +15,9 @@ import yaml
 
 from gptforge.cli import main
 from gptforge.model.checkpoint import load_checkpoint
-from gptforge.pipeline.runner import load_pipeline, read_manifest, run_pipeline
+from gptforge.pipeline.manifest import read_manifest
+from gptforge.pipeline.runner import run_pipeline
+from gptforge.pipeline.stages import load_pipeline
 
 PIPELINE = {
     "name": "mini",

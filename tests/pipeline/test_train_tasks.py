@@ -183,7 +183,7 @@ def test_evaluation_reads_the_splits_training_held_out(pretrained, classified, t
     under the same names."""
     from gptforge.pipeline.config import EvaluateConfig
     from gptforge.pipeline.evaluate import evaluate_checkpoint
-    from gptforge.pipeline.runner import summarize_evaluation
+    from gptforge.pipeline.summary import summarize_evaluation
 
     _, res = classified
     m = evaluate_checkpoint(

@@ -21,7 +21,9 @@ from gptforge.cli import main
 from gptforge.model import GPT, GPTConfig
 from gptforge.model.checkpoint import save_checkpoint
 from gptforge.pipeline import runner
-from gptforge.pipeline.runner import load_pipeline, read_manifest, run_pipeline
+from gptforge.pipeline.manifest import read_manifest
+from gptforge.pipeline.runner import run_pipeline
+from gptforge.pipeline.stages import load_pipeline
 
 REPO = Path(__file__).resolve().parents[2]
 

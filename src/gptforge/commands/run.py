@@ -14,7 +14,7 @@ def _error(message: str):
 
 
 def run(argv: list[str]) -> int:
-    from gptforge.pipeline.runner import STAGES
+    from gptforge.pipeline.stages import STAGES
 
     parser = argparse.ArgumentParser(
         prog="gptforge run",
@@ -64,7 +64,9 @@ def run(argv: list[str]) -> int:
     parser.error = _error  # type: ignore[method-assign]
     args = parser.parse_args(argv)
 
-    from gptforge.pipeline.runner import load_pipeline, print_summary, run_pipeline, stage_config
+    from gptforge.pipeline.runner import run_pipeline
+    from gptforge.pipeline.stages import load_pipeline, stage_config
+    from gptforge.pipeline.summary import print_summary
 
     pipe = load_pipeline(
         args.pipeline, args.overrides, quick=args.quick, name=args.name, runs_dir=args.runs_dir
@@ -75,7 +77,7 @@ def run(argv: list[str]) -> int:
     if args.print_config:
         import yaml
 
-        from gptforge.pipeline.runner import stage_record
+        from gptforge.pipeline.stages import stage_record
 
         for stage in pipe.stages:
             cfg = stage_config(pipe, stage, check_only=True)
