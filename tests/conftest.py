@@ -36,3 +36,40 @@ def shared_data_dir() -> Path:
         if cand.is_dir():
             return cand
     pytest.fail("real data sets not found: set GPTFORGE_DATA_DIR to a copy of shared/data")
+
+
+def _single_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: identical float reductions in every run, and tiny models run faster on a busy
+    2-core box than with spinning OpenMP threads; restored afterwards. Use it with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    yield from _single_thread()
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """`one_thread` for a whole module (also around its module-scoped fixtures)."""
+    yield from _single_thread()
+
+
+def overrides_to_argv(ov: dict) -> list[str]:
+    """{"train.lr": 1e-3, "data.sources": ["a"]} -> ["--train.lr", "0.001", "--data.sources", "[a]"]."""
+    out = []
+    for k, v in ov.items():
+        text = (
+            f"[{','.join(v)}]" if isinstance(v, list) else str(v).lower() if isinstance(v, bool) else str(v)
+        )
+        out += [f"--{k}", text]
+    return out
+
+
+@pytest.fixture
+def to_argv():
+    return overrides_to_argv

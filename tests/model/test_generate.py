@@ -21,14 +21,7 @@ from gptforge.model.gpt import GPT
 PROMPTS = [[5, 6, 7, 8, 9], [3], [10, 11, 12, 13, 14, 15, 16, 17], [40, 41]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine spinning OpenMP threads make
-    these tests ~10x slower; restored afterwards so other modules keep their setting."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def small_model(tie: bool = False, scale: float = 1.0, ctx: int = 64, vocab: int = 512, seed: int = 0) -> GPT:

@@ -33,12 +33,7 @@ def adapted(base: GPT, seed: int) -> GPT:
 X = torch.randint(0, 63, (2, 10), generator=torch.Generator().manual_seed(3))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_load_model_opens_checkpoints_and_merges_adapters(tmp_path):

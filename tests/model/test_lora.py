@@ -33,12 +33,7 @@ from gptforge.pipeline.lora_state import register_adapter_checkpointing
 V, E, L, C, H = 128, 32, 2, 32, 4 * 32
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: one thread is faster on a busy box, and reductions are stable
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(num_labels: int = 0, dropout: float = 0.0) -> GPT:

@@ -20,13 +20,7 @@ from gptforge.pipeline.config import EvaluateConfig, load_config
 from gptforge.pipeline.runinfo import read_metrics
 from gptforge.pipeline.train import run_classify, run_instruct, run_pretrain, set_trainable
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")

@@ -27,13 +27,7 @@ from gptforge.pipeline.trainer import Trainer
 VOCAB = 97
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # One intra-op thread: identical float reductions in every run (and fast on a busy 2-core box).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def lm_rows(n: int, seed: int) -> list[dict]:

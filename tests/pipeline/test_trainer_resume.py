@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import overrides_to_argv
 from safetensors.torch import load_file
 
 from gptforge.pipeline.checkpoints import FINAL, list_checkpoints
@@ -51,14 +52,7 @@ def overrides(corpus: Path, out_dir: Path) -> dict:
     }
 
 
-def argv(ov: dict) -> list[str]:
-    out = []
-    for k, v in ov.items():
-        out += [
-            f"--{k}",
-            f"[{','.join(v)}]" if isinstance(v, list) else str(v).lower() if isinstance(v, bool) else str(v),
-        ]
-    return out
+argv = overrides_to_argv
 
 
 def start(ov: dict, *extra: str) -> subprocess.Popen:

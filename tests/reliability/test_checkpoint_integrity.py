@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import overrides_to_argv
 from safetensors.torch import load_file
 
 from gptforge.cli import main as cli_main
@@ -25,12 +26,7 @@ from gptforge.pipeline.trainer import Trainer
 STOP_AT = 6  # the interrupted run saves at 3 and 6 and stops; the whole run is 9 steps (one epoch)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the same float order in every run
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -60,14 +56,7 @@ def overrides(corpus: Path, out_dir: Path) -> dict:
     }
 
 
-def argv(ov: dict) -> list[str]:
-    out = []
-    for k, v in ov.items():
-        out += [
-            f"--{k}",
-            f"[{','.join(v)}]" if isinstance(v, list) else str(v).lower() if isinstance(v, bool) else str(v),
-        ]
-    return out
+argv = overrides_to_argv
 
 
 def interrupted_run(ov: dict, monkeypatch) -> None:

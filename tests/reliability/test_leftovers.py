@@ -21,13 +21,7 @@ from gptforge.model.tokenizer import save_hf_tokenizer
 from gptforge.pipeline.config import load_config
 from gptforge.pipeline.train import run_pretrain
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -23,13 +23,7 @@ from gptforge.model.gpt import GPT
 from gptforge.model.hf import to_hf
 from gptforge.model.lora import LoRAConfig, apply_lora, save_adapter
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(num_labels: int = 0) -> GPT:
