@@ -70,6 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"gptforge {verb}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `gptforge info --json | head`: the reader left; no traceback
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit must not fail
+        return 141
     return int(code or 0)
 
 
