@@ -186,6 +186,7 @@ class Engine:
         )
         self.steps = 0  # decode forward passes (for tests and stats)
         self.max_rows_seen = 0  # the widest decode step so far
+        self.finished: collections.Counter[str] = collections.Counter()  # requests by finish reason
 
     # -- public API ---------------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -277,7 +278,11 @@ class Engine:
     @property
     def load(self) -> dict[str, int]:
         with self._cond:
-            return {"running": len(self._active), "waiting": len(self._waiting)}
+            return {
+                "running": len(self._active),
+                "waiting": len(self._waiting),
+                "finished": dict(self.finished),
+            }
 
     # -- the loop -----------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -319,6 +324,7 @@ class Engine:
         if req.done.is_set():
             return
         req.finish_reason = reason
+        self.finished[reason] += 1
         if req in self._active:
             self._active.remove(req)
         if req.slot >= 0:
