@@ -153,7 +153,7 @@ def _sampling(
         max_tokens = _get(body, "max_completion_tokens", int)
     if max_tokens is None:
         max_tokens = max(1, min(default_max, ctx - prompt_len))
-    temperature = float(_get(body, "temperature", (int, float), 1.0 if "temperature" in body else 0.0))
+    temperature = float(_get(body, "temperature", (int, float), 0.0))  # greedy unless asked: reproducible
     if not 0.0 <= temperature <= 2.0:
         raise ApiError(
             400, f"temperature={temperature} must be between 0 and 2 (0: greedy)", param="temperature"
