@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from gptforge.errors import ConfigError
@@ -40,6 +40,7 @@ log = logging.getLogger("gptforge.serve")
 API_KEY_ENV = "GPTFORGE_API_KEY"
 MAX_STOP = 4
 MAX_N = 8
+CHAT_PAGE = Path(__file__).with_name("chat.html")
 
 
 class ApiError(Exception):
@@ -316,6 +317,9 @@ def create_app(served: Served, api_key: str | None = None):
             for r in reqs:
                 if not r.done.is_set():
                     engine.cancel(r)
+        failed = next((r for r in reqs if r.finish_reason == "error"), None)
+        if failed is not None:
+            raise ApiError(500, f"generation failed: {failed.error}", type="server_error")
 
     def sse(obj: dict | str) -> bytes:
         return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n".encode()
@@ -342,6 +346,11 @@ def create_app(served: Served, api_key: str | None = None):
         return StreamingResponse(gen(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     # -- routes ----------------------------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    async def page():
+        """The chat page: one self-contained file (no CDN), usable offline."""
+        return HTMLResponse(CHAT_PAGE.read_text(encoding="utf-8"))
+
     @app.get("/health")
     async def health():
         load = served.engine.load if served.engine else {"running": 0, "waiting": 0}
