@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
@@ -112,19 +111,27 @@ def test_sampling_is_per_request_and_seeded(tiny_lm):
 def test_cancel_frees_the_slot_and_the_queue_is_bounded(tiny_lm):
     engine = Engine(tiny_lm, TOK, max_batch=1, max_queue=1)
     long = SamplingParams(max_tokens=80, eos_ids=())
-    first = engine.submit(TOK.encode("a"), long)
+
+    def cancel_after_first_token(req, delta, done):  # a client going away mid-stream
+        if not done:
+            engine.cancel(req)
+
+    first = engine.submit(TOK.encode("a"), long, on_update=cancel_after_first_token)
     second = engine.submit(TOK.encode("b"), long)
     with pytest.raises(EngineError) as e:
         engine.submit(TOK.encode("c"), long)
     assert e.value.kind == "queue_full"
     engine.start()
     try:
-        time.sleep(0.05)
-        engine.cancel(first)
-        assert first.done.wait(5) and first.finish_reason == "cancelled"
+        assert first.done.wait(10) and first.finish_reason == "cancelled" and len(first.tokens) == 1
         assert second.done.wait(30) and second.finish_reason == "length" and len(second.tokens) == 80
+        assert engine.finished == {"cancelled": 1, "length": 1}
     finally:
         engine.stop()
+    waiting = Engine(tiny_lm, TOK, max_batch=1, max_queue=1)
+    queued = waiting.submit(TOK.encode("a"), long)
+    waiting.cancel(queued)  # cancelled before it ever ran
+    assert queued.done.is_set() and queued.finish_reason == "cancelled" and waiting.load["waiting"] == 0
 
 
 def test_bad_requests_are_refused_naming_the_field(tiny_lm):

@@ -103,7 +103,7 @@ def dirs(tmp_path_factory):
     clf = tiny_model(seed=2)
     clf.add_classification_head(2, {0: "ham", 1: "spam"})
     save_checkpoint(clf, root / "clf")
-    small = tiny_model(seed=3, context_length=512)
+    small = tiny_model(seed=3, context_length=512, emb_dim=64, n_layers=4)  # slower steps: clear timing
     save_checkpoint(small, root / "small")
     return {"root": root, "lm": lm, "clf": clf, "small": small}
 
