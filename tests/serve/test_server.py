@@ -175,7 +175,7 @@ def test_completions_stream_and_sampling(client, dirs):
     assert a.choices[0].text == b.choices[0].text and len(a.choices) == 2
 
 
-def test_16_concurrent_clients_get_their_solo_greedy_answers(client, dirs):
+def test_16_concurrent_clients_get_their_solo_greedy_answers(client, dirs, servers):
     prompts = [f"Story {i}: " + "the quick brown fox " * (i % 5) + "jumped" for i in range(16)]
     lengths = [4 + (i * 5) % 17 for i in range(16)]
     solo = [generate_text(dirs["lm"], TOK, p, max_new_tokens=n)[0] for p, n in zip(prompts, lengths)]
@@ -187,6 +187,7 @@ def test_16_concurrent_clients_get_their_solo_greedy_answers(client, dirs):
     with ThreadPoolExecutor(16) as pool:
         got = list(pool.map(call, range(16), timeout=120))
     assert got == solo
+    assert servers["lm"].health()["widest_step"] >= 4  # the clients shared forward passes
 
 
 def test_classify_and_generation_on_a_classifier(servers, dirs):

@@ -276,12 +276,13 @@ class Engine:
         return req
 
     @property
-    def load(self) -> dict[str, int]:
+    def load(self) -> dict:
         with self._cond:
             return {
                 "running": len(self._active),
                 "waiting": len(self._waiting),
                 "finished": dict(self.finished),
+                "widest_step": self.max_rows_seen,
             }
 
     # -- the loop -----------------------------------------------------------------------------------
