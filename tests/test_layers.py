@@ -155,3 +155,26 @@ def test_cycle_finder_finds_a_cycle_through_a_function_level_import():
 def test_no_import_cycle_inside_the_model_layer():
     cycles = _cycles({m for m in MODULES if m.startswith("gptforge.model.")})
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c + c[:1]) for c in cycles)
+
+
+def _reachable(start: set[str]) -> set[str]:
+    """Every gptforge module that importing `start` can import, through any depth (function-level too)."""
+    seen, todo = set(), list(start)
+    while todo:
+        m = todo.pop()
+        if m in seen or m not in IMPORTS:
+            continue
+        seen.add(m)
+        todo += [t for t, _, _ in IMPORTS[m]]
+    return seen
+
+
+def test_serve_uses_only_the_judge_free_parts_of_pipeline():
+    """The server sits beside the pipeline: it may use model/, tasks/, export/ and evaluation's inference,
+    never the judge (which would call a server), the trainer or the stage runner."""
+    serve = {m for m in MODULES if _layer(m) == "serve"}
+    assert "gptforge.serve.engine" in serve and "gptforge.serve.app" in serve
+    reach = _reachable(serve)
+    banned = {"gptforge.pipeline.judge", "gptforge.pipeline.trainer", "gptforge.pipeline.runner"}
+    assert not reach & banned, sorted(reach & banned)
+    assert "gptforge.serve.app" not in _reachable({"gptforge.serve.engine"})  # the engine knows no HTTP

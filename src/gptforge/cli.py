@@ -28,6 +28,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "gptforge.commands.train:pretrain",
         "train a language model on text (scratch or checkpoint)",
     ),
+    "serve": (
+        "gptforge.commands.serve:serve",
+        "an OpenAI-compatible HTTP server for a model (chat, classify)",
+    ),
     "finetune": ("gptforge.commands.train:finetune", "finetune: `finetune classify` or `finetune instruct`"),
 }
 

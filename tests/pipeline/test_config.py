@@ -130,6 +130,7 @@ VERB_ARGV = {
     ],
     "merge": ["ad", "--hf-out", "hf", "--peft-base", "gpt2"],
     "info": ["gpt2", "--json"],
+    "serve": ["mdl", "--port", "9001", "--max-batch", "4", "--max-queue", "2", "--name", "tiny"],
 }
 
 

@@ -18,6 +18,7 @@ import torch
 
 from gptforge.errors import ConversionError
 from gptforge.export.card import model_card
+from gptforge.export.chat_template import chat_template_for
 from gptforge.io import atomic_dir, write_json
 from gptforge.model.checkpoint import state_dict_for_save, tensor_bytes
 from gptforge.model.config import GPTConfig
@@ -108,12 +109,15 @@ def _tokenizer_files() -> tuple[tuple[str, bytes], ...]:
         return tuple((f.name, f.read_bytes()) for f in sorted(Path(d).iterdir()) if f.is_file())
 
 
-def write_tokenizer(out_dir: Path, context_length: int) -> None:
-    """GPT-2 tokenizer files, with the model's context length as the limit pipelines truncate to."""
+def write_tokenizer(out_dir: Path, context_length: int, chat_template: str | None = None) -> None:
+    """GPT-2 tokenizer files, with the model's context length as the limit pipelines truncate to, and a
+    language model's chat template (`export.chat_template`), so runtimes chat in its prompt style."""
     for name, data in _tokenizer_files():
         if name == "tokenizer_config.json":
             tok_cfg = json.loads(data)
             tok_cfg["model_max_length"] = context_length
+            if chat_template is not None:
+                tok_cfg["chat_template"] = chat_template
             data = (json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
         (out_dir / name).write_bytes(data)
 
@@ -153,11 +157,12 @@ def export(
             "the exported tokenizer can produce ids the model does not have",
             stacklevel=2,
         )
+    template = None if cfg.num_labels else chat_template_for(prompt_style)
     hf = to_hf(model, copy=False)
 
     def write(tmp: Path) -> None:
         hf.save_pretrained(str(tmp))
-        write_tokenizer(tmp, cfg.context_length)
+        write_tokenizer(tmp, cfg.context_length, template)
         if prompt_style:
             write_json(tmp / "prompt_style.json", prompt_style)
         diff = verify_export(tmp, model) if verify else None

@@ -26,6 +26,7 @@ from gptforge.pipeline.config import (
     InstructConfig,
     MergeConfig,
     PretrainConfig,
+    ServeConfig,
     config_from_mapping,
     origin_lookup,
     set_key,
@@ -78,6 +79,7 @@ VERBS: dict[str, Cli] = {
     "generate": Cli(GenerateConfig, "gptforge generate", ("checkpoint", "prompts")),
     "merge": Cli(MergeConfig, "gptforge merge", ("adapter",)),
     "info": Cli(InfoConfig, "gptforge info", ("target",)),
+    "serve": Cli(ServeConfig, "gptforge serve", ("model",)),
 }
 
 

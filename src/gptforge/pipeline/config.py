@@ -432,6 +432,28 @@ class MergeConfig:
 
 
 @dataclass
+class ServeConfig:
+    """`gptforge serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over a batching engine."""
+
+    model: str | None = None
+    """gptforge checkpoint dir, LoRA run's adapter dir, or Hugging Face GPT-2 dir."""
+    host: str = "127.0.0.1"
+    """Address to listen on (0.0.0.0 exposes the server to the network)."""
+    port: int = 8000
+    """TCP port (0: any free port; uvicorn logs which)."""
+    max_batch: int = 8
+    """Requests decoded together in one forward pass."""
+    max_queue: int = 32
+    """Requests that may wait for a slot; beyond it the server answers 429 with Retry-After."""
+    api_key: str | None = None
+    """Bearer key clients must send (null: $GPTFORGE_API_KEY if set, else no key)."""
+    device: str | None = None
+    """cpu, cuda, cuda:1, ... (null: cuda if available)."""
+    name: str | None = None
+    """Model id in /v1/models and responses (null: the model dir's name)."""
+
+
+@dataclass
 class InfoConfig:
     """`gptforge info`: presets, or one preset or checkpoint dir, with parameter counts and training memory.
 
@@ -537,6 +559,12 @@ def validate(cfg: Any) -> Any:
         if cfg.task is not None:
             _choice("task", cfg.task, tuple(TASK_CONFIGS))
         check_not_run_dir("checkpoint", cfg.checkpoint)
+        return cfg
+    if isinstance(cfg, ServeConfig):
+        check_not_run_dir("model", cfg.model)
+        for name in ("max_batch", "max_queue", "port"):
+            if getattr(cfg, name) < (1 if name == "max_batch" else 0):
+                raise ConfigError(f"{name}={getattr(cfg, name)} must be >= {1 if name == 'max_batch' else 0}")
         return cfg
     if isinstance(cfg, (ClassifyTextsConfig, GenerateConfig, ExportConfig)):
         check_not_run_dir("checkpoint", cfg.checkpoint)
