@@ -49,7 +49,7 @@ def test_round_trip_in_llama_cpp(model96, tmp_path, quant):
     _need_llama_cpp()
     r = gg.export_gguf(model96, tmp_path / "m.gguf", quant)
     assert r.check is not None and r.check.backend.startswith("llama.cpp")
-    assert r.check.max_logit_diff <= gg.LOGIT_TOLERANCE[quant]
+    assert r.check.max_logit_diff <= gg.tolerance(quant, 2) == r.check.tolerance
     if quant == "f32":
         assert r.check.max_logit_diff < 1e-3
     if quant in gg.GREEDY_EXACT:
@@ -218,7 +218,7 @@ def test_transformers_reader_fallback_when_llama_cpp_is_missing(tmp_path, monkey
     r = gg.export_gguf(odd_model(96), tmp_path / "m.gguf", "q8_0")
     assert r.check.backend.startswith("transformers GGUF reader")
     assert "llama-cpp-python is not installed" in r.check.note and r.check.greedy_equal is None
-    assert r.check.max_logit_diff <= gg.LOGIT_TOLERANCE["q8_0"]
+    assert r.check.max_logit_diff <= gg.tolerance("q8_0", 2)
 
 
 def test_mismatch_deletes_the_temp_file_and_names_the_largest_difference(tmp_path, monkeypatch, capsys):

@@ -28,13 +28,21 @@ from gptforge.model.tokenizer import EOT, EOT_ID, N_VOCAB, bpe_files_dir
 QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0")
 DEFAULT_QUANT = "f16"
 
-# Max |logit difference| against gptforge's fp32 logits that the check accepts, per type: about 3x the
-# largest difference measured (llama.cpp CPU backend, llama-cpp-python 0.3.36) on random models
-# (tests/export/test_gguf.py) and the trained cpu-tiny instruct model of configs/default.yaml, whose
-# logits are larger: f32 2.7e-4, f16 1.4e-3, bf16 1.5e-2, q8_0 3.0e-2, q4_0 0.41. f32 is not bit-exact
-# because ggml's CPU GELU reads an f16 table (input and output rounded to f16): with that rounding
-# emulated in gptforge the f32 difference drops to ~2e-5 (test_f32_is_exact_up_to_ggml_gelu_table).
-LOGIT_TOLERANCE = {"f32": 1e-3, "f16": 5e-3, "bf16": 5e-2, "q8_0": 0.1, "q4_0": 1.5}
+# Max |logit difference| against gptforge's fp32 logits that the check accepts, per type and per
+# transformer block (the error grows with depth): about 3x the largest per-block difference measured in
+# llama.cpp's CPU backend (llama-cpp-python 0.3.36) on random models (emb 96 / 2 blocks, cpu-small,
+# gpt2-size) and the trained cpu-tiny instruct model of configs/default.yaml. Largest measured per block:
+# f32 1.4e-4, f16 4.7e-4, bf16 5e-3, q8_0 1e-2, q4_0 0.14. f32 is not bit-exact because ggml's CPU GELU
+# reads an f16 table (input and output rounded to f16): with that rounding emulated in gptforge the f32
+# difference drops to ~2e-5 (tests/export/test_gguf.py::test_f32_is_exact_up_to_ggml_gelu_table).
+LOGIT_TOLERANCE = {"f32": 5e-4, "f16": 2e-3, "bf16": 2e-2, "q8_0": 4e-2, "q4_0": 0.5}
+
+
+def tolerance(quant: str, n_layers: int) -> float:
+    """The check's bound on max |logit diff| for a model of `n_layers` blocks."""
+    return LOGIT_TOLERANCE[quant] * max(1, n_layers)
+
+
 # Types whose greedy tokens must equal gptforge's (the others may flip near-ties and are only reported).
 GREEDY_EXACT = ("f32", "f16")
 GREEDY_TOKENS = 16
@@ -431,7 +439,7 @@ def verify_gguf(path: str | os.PathLike, model: GPT, quant: str, *, backend: str
     cfg = model.cfg
     ids = check_inputs(cfg)
     ours, our_greedy = _ours(model, ids)
-    tol = LOGIT_TOLERANCE[quant]
+    tol = tolerance(quant, cfg.n_layers)
     note = ""
     if backend == "auto":
         backend = "llama_cpp" if llama_cpp_available() else "transformers"
