@@ -287,3 +287,17 @@ def test_pipeline_exports_hf_and_gguf_and_the_summary_names_both(tmp_path, share
     assert check.startswith("q8_0 in ") and "max|dlogit|" in check
     summary = (tmp_path / "runs" / "g" / "summary.md").read_text()
     assert "pretrain-q8_0.gguf" in summary and "q8_0 in " in summary and str(root / "pretrain") in summary
+
+
+def test_a_hugging_face_dir_exports_as_gguf(tmp_path, capsys):
+    from gptforge.export.hf import export
+
+    model = odd_model(48)
+    export(model, tmp_path / "hf", verify=False)
+    out = tmp_path / "m.gguf"
+    assert (
+        main(["export", str(tmp_path / "hf"), "--format", "gguf", "--quant", "f32", "--out", str(out)]) == 0
+    )
+    assert "max |logit diff|" in capsys.readouterr().out and out.is_file()
+    assert main(["export", str(tmp_path), "--format", "gguf", "--out", str(tmp_path / "n.gguf")]) == 2
+    assert "not a gptforge checkpoint, LoRA run or Hugging Face model dir" in capsys.readouterr().err
