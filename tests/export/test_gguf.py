@@ -191,10 +191,19 @@ def test_cli_writes_gguf_and_modelfile_for_an_instruction_checkpoint(tmp_path, c
         ("lm48", ["--quant", "q8_0"], "not a multiple of q8_0's block size 32"),
         ("lm48", ["--quant", "q4_0"], "token_embd.weight has rows of 48 values"),
         ("lm48", ["--quant", "q5_k"], "--quant 'q5_k' is not a GGUF type"),
+        ("small_vocab", [], "model.vocab_size=1000 is smaller than the GPT-2 tokenizer's 50257"),
+        ("exact_gelu", [], "llama.cpp's gpt2 computes the tanh GELU (gelu_new) only"),
     ],
 )
 def test_refusals(tmp_path, capsys, case, extra, needle):
-    model = odd_model(48, num_labels=2) if case == "classifier" else odd_model(48)
+    torch.manual_seed(0)
+    kw = {
+        "classifier": {"num_labels": 2},
+        "small_vocab": {"vocab_size": 1000},
+        "exact_gelu": {"activation": "gelu"},
+    }.get(case, {})
+    base = {"vocab_size": N_VOCAB, "context_length": 40, "emb_dim": 48, "n_layers": 2, "n_heads": 3}
+    model = GPT(GPTConfig(**{**base, **kw})).eval()
     ckpt = tmp_path / "ckpt"
     save_checkpoint(model, ckpt)
     out_dir = tmp_path / "o"

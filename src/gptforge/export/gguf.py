@@ -123,6 +123,11 @@ def check_exportable(model: GPT, quant: str) -> None:
             f"the model is a classifier ({cfg.num_labels} labels); llama.cpp's gpt2 has no classification "
             "head: export it with --format hf instead"
         )
+    if cfg.vocab_size < N_VOCAB:
+        raise ConversionError(
+            f"model.vocab_size={cfg.vocab_size} is smaller than the GPT-2 tokenizer's {N_VOCAB} tokens that the "
+            "GGUF file embeds; llama.cpp needs one embedding row per token"
+        )
     if cfg.activation != "gelu_new":
         raise ConversionError(
             f"model.activation={cfg.activation!r}: llama.cpp's gpt2 computes the tanh GELU (gelu_new) only; "
