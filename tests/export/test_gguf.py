@@ -190,7 +190,11 @@ def test_cli_writes_gguf_and_modelfile_for_an_instruction_checkpoint(tmp_path, c
         ("classifier", ["--quant", "f16"], "classification head"),
         ("lm48", ["--quant", "q8_0"], "not a multiple of q8_0's block size 32"),
         ("lm48", ["--quant", "q4_0"], "token_embd.weight has rows of 48 values"),
-        ("lm48", ["--quant", "q5_k"], "--quant 'q5_k' is not a GGUF type"),
+        (
+            "lm48",
+            ["--quant", "q5_k"],
+            "gguf.quant='q5_k' is not valid; use one of f32, f16, bf16, q8_0, q4_0",
+        ),
         ("small_vocab", [], "model.vocab_size=1000 is smaller than the GPT-2 tokenizer's 50257"),
         ("exact_gelu", [], "llama.cpp's gpt2 computes the tanh GELU (gelu_new) only"),
     ],
@@ -255,6 +259,13 @@ def test_export_stage_takes_formats_and_gguf_options():
     assert cfg.formats == ["hf", "gguf"] and cfg.gguf.quant == "q4_0" and cfg.gguf.ollama is False
     with pytest.raises(ConfigError, match="format='ggfu'.*did you mean 'gguf'"):
         config_from_mapping(ExportStageConfig, {"formats": ["ggfu"]})
+    with pytest.raises(ConfigError, match="gguf.quant='q8_1' is not valid; did you mean 'q8_0'"):
+        config_from_mapping(ExportStageConfig, {"formats": ["gguf"], "gguf": {"quant": "q8_1"}})
+    from gptforge.pipeline.config import GGUF_QUANTS
+
+    assert GGUF_QUANTS == gg.QUANTS
+    with pytest.raises(ConversionError, match="--quant 'q5' is not a GGUF type gptforge writes"):
+        gg.export_gguf(odd_model(48), "unused.gguf", "q5")
 
 
 def test_cli_takes_one_format(tmp_path, capsys):

@@ -353,6 +353,12 @@ class GGUFConfig:
     ollama: bool = False
     """Also write an Ollama Modelfile beside the file (`ollama create NAME -f Modelfile`)."""
 
+    def __post_init__(self) -> None:  # checked when the config is read: a pipeline fails before training
+        _choice("gguf.quant", self.quant, GGUF_QUANTS)
+
+
+GGUF_QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0")  # = gptforge.export.gguf.QUANTS (a test checks)
+
 
 @dataclass
 class ExportConfig:
