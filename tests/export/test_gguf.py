@@ -321,3 +321,24 @@ def test_a_hugging_face_dir_exports_as_gguf(tmp_path, capsys):
     assert "max |logit diff|" in capsys.readouterr().out and out.is_file()
     assert main(["export", str(tmp_path), "--format", "gguf", "--out", str(tmp_path / "n.gguf")]) == 2
     assert "not a gptforge checkpoint, LoRA run or Hugging Face model dir" in capsys.readouterr().err
+
+
+def test_llama_cpp_chat_completion_uses_the_embedded_template_and_answers_like_gptforge(tmp_path):
+    """End to end: llama-cpp-python formats the chat with the file's template, tokenizes it with the file's
+    tokenizer and decodes greedily; the reply equals gptforge's greedy continuation of its own prompt."""
+    _need_llama_cpp()
+    import llama_cpp
+
+    from gptforge.model.generate import generate
+    from gptforge.model.tokenizer import Tokenizer
+
+    model = odd_model(48)
+    st = get_prompt_style("alpaca")
+    gg.export_gguf(model, tmp_path / "m.gguf", "f32", prompt_style=st)
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=40, verbose=False)
+    msg = {"role": "user", "content": "Hi"}
+    out = llm.create_chat_completion([msg], max_tokens=5, temperature=0, repeat_penalty=1.0)
+    tok = Tokenizer()
+    prompt = tok.encode(st.format_prompt({"instruction": "Hi"}))
+    ours = generate(model, [prompt], max_new_tokens=5)[0]
+    assert out["choices"][0]["message"]["content"] == tok.decode(ours)
