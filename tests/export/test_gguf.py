@@ -342,3 +342,16 @@ def test_llama_cpp_chat_completion_uses_the_embedded_template_and_answers_like_g
     prompt = tok.encode(st.format_prompt({"instruction": "Hi"}))
     ours = generate(model, [prompt], max_new_tokens=5)[0]
     assert out["choices"][0]["message"]["content"] == tok.decode(ours)
+
+
+def test_a_file_llama_cpp_cannot_load_is_not_written(tmp_path, monkeypatch):
+    _need_llama_cpp()
+    tensors = gg.gguf_tensors
+
+    def missing_one(model):
+        return {k: v for k, v in tensors(model).items() if k != "blk.1.ffn_down.bias"}
+
+    monkeypatch.setattr(gg, "gguf_tensors", missing_one)
+    with pytest.raises(ConversionError, match="llama.cpp cannot load the GGUF"):
+        gg.export_gguf(odd_model(48), tmp_path / "m.gguf", "f32")
+    assert list(tmp_path.iterdir()) == []

@@ -380,15 +380,20 @@ def _llama_cpp_run(path: Path, ids: list[int], n_new: int, n_ctx: int) -> tuple[
 
     # An f32 KV cache: llama.cpp's default f16 cache rounds keys and values (up to ~3e-4 in the logits of
     # an f32 file), a runtime choice the check keeps out of what it measures about the file.
-    llm = llama_cpp.Llama(
-        model_path=str(path),
-        n_ctx=n_ctx,
-        logits_all=True,
-        verbose=False,
-        n_threads=max(1, os.cpu_count() or 1),
-        type_k=llama_cpp.GGML_TYPE_F32,
-        type_v=llama_cpp.GGML_TYPE_F32,
-    )
+    try:
+        llm = llama_cpp.Llama(
+            model_path=str(path),
+            n_ctx=n_ctx,
+            logits_all=True,
+            verbose=False,
+            n_threads=max(1, os.cpu_count() or 1),
+            type_k=llama_cpp.GGML_TYPE_F32,
+            type_v=llama_cpp.GGML_TYPE_F32,
+        )
+    except Exception as e:  # llama.cpp refuses the file: the export is wrong, not the user's input
+        raise ConversionError(
+            f"{path.name}: llama.cpp cannot load the GGUF ({type(e).__name__}: {e})"
+        ) from None
     try:
         llm.eval(ids)
         logits = np.array(llm.scores[: len(ids)], dtype=np.float32)
@@ -400,7 +405,7 @@ def _llama_cpp_run(path: Path, ids: list[int], n_new: int, n_ctx: int) -> tuple[
                 llm.eval([tok])
         return logits, greedy, f"llama.cpp (llama-cpp-python {llama_cpp.__version__})"
     finally:
-        llm.close() if hasattr(llm, "close") else None
+        llm.close()
 
 
 def _transformers_run(path: Path, ids: list[int], cfg) -> tuple[np.ndarray, str]:
