@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("gptforge.commands.model:convert", "convert Hugging Face GPT-2 <-> gptforge checkpoints"),
     "export": (
         "gptforge.commands.model:export",
-        "export a gptforge checkpoint as a verified Hugging Face dir",
+        "export a model as a verified Hugging Face dir or GGUF file (llama.cpp, Ollama)",
     ),
     "generate": ("gptforge.commands.generate:generate", "generate text from a checkpoint"),
     "evaluate": ("gptforge.commands.evaluate:evaluate", "evaluate a checkpoint or score a responses file"),

@@ -93,7 +93,78 @@ def export(argv: list[str]) -> int:
         return 0
     if not args.checkpoint or not args.out:
         raise ConfigError("give a checkpoint dir and --out DIR (see `gptforge export --help`)")
+    if len(args.formats) != 1:
+        raise ConfigError(f"--format: give one of hf, gguf (got {', '.join(args.formats) or 'none'})")
+    if args.formats == ["gguf"]:
+        return _export_gguf(args)
     out = export_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite, verify=args.verify)
     verified = "verified with transformers" if args.verify else "not verified: --no-verify"
     print(f"exported {args.checkpoint} -> {out} ({verified})")
+    return 0
+
+
+def load_any_model(path: str | Path):
+    """A gptforge checkpoint, a LoRA run (merged) or a Hugging Face GPT-2 dir, as a gptforge GPT."""
+    from gptforge.model.hf import from_hf
+    from gptforge.model.load import is_model_dir, load_model
+
+    if is_model_dir(path):
+        return load_model(path)
+    if (Path(path) / "config.json").is_file():
+        return from_hf(path)
+    raise CheckpointError(
+        f"{path}: not a gptforge checkpoint, LoRA run or Hugging Face model dir; pass one of those"
+    )
+
+
+def export_gguf_from(
+    ckpt: str | Path,
+    out: str | Path,
+    quant: str,
+    *,
+    overwrite: bool = False,
+    verify: bool = True,
+    ollama: bool = False,
+    license: str | None = None,
+    metrics: dict | None = None,
+    model=None,
+):
+    """Export a model dir as GGUF, carrying its prompt style (chat template) and metrics (description)."""
+    from gptforge.export.gguf import check_quant, export_gguf
+    from gptforge.model.checkpoint import read_metadata
+
+    check_quant(quant)  # refused before the model is loaded
+    from gptforge.tasks.instruct import get_prompt_style
+
+    model = model if model is not None else load_any_model(ckpt)
+    saved = read_metadata(ckpt, "prompt_style.json")
+    prompt_style = get_prompt_style(saved) if saved else None
+    return export_gguf(
+        model,
+        out,
+        quant,
+        metrics=metrics if metrics is not None else read_metrics(ckpt),
+        prompt_style=prompt_style,
+        license=license,
+        overwrite=overwrite,
+        verify=verify,
+        ollama=ollama,
+    )
+
+
+def _export_gguf(args) -> int:
+    r = export_gguf_from(
+        args.checkpoint,
+        args.out,
+        args.gguf.quant,
+        overwrite=args.overwrite,
+        verify=args.verify,
+        ollama=args.gguf.ollama,
+        license=args.license,
+    )
+    size = f"{r.size / 2**20:.1f} MiB"
+    checked = r.check.line() if r.check else "not verified: --no-verify"
+    print(f"exported {args.checkpoint} -> {r.path} (gguf {r.quant}, {size}; {checked})")
+    if r.modelfile:
+        print(f"wrote {r.modelfile}: `ollama create NAME -f {r.modelfile}`")
     return 0

@@ -74,7 +74,12 @@ VERBS: dict[str, Cli] = {
         {"data": "data.dataset", "test_data": "data.test_sources", **{k: f"data.{k}" for k in _EVAL_DATA}},
     ),
     "classify": Cli(ClassifyTextsConfig, "gptforge classify", ("checkpoint", "texts")),
-    "export": Cli(ExportConfig, "gptforge export", ("checkpoint",)),
+    "export": Cli(
+        ExportConfig,
+        "gptforge export",
+        ("checkpoint",),
+        {"format": "formats", "quant": "gguf.quant", "ollama": "gguf.ollama"},
+    ),
     "convert": Cli(ConvertConfig, "gptforge convert"),
     "generate": Cli(GenerateConfig, "gptforge generate", ("checkpoint", "prompts")),
     "merge": Cli(MergeConfig, "gptforge merge", ("adapter",)),

@@ -345,20 +345,50 @@ class ClassifyTextsConfig:
 
 
 @dataclass
-class ExportConfig:
-    """`gptforge export`: a gptforge checkpoint as a Hugging Face dir (config, safetensors, tokenizer, card).
+class GGUFConfig:
+    """A GGUF export's type and Modelfile."""
 
-    Verified by reloading it in transformers and comparing logits. The pipeline's export stage shares it.
+    quant: str = "f16"
+    """f32, f16, bf16, q8_0 or q4_0 (norms, biases and the position embedding stay f32)."""
+    ollama: bool = False
+    """Also write an Ollama Modelfile beside the file (`ollama create NAME -f Modelfile`)."""
+
+    def __post_init__(self) -> None:  # checked when the config is read: a pipeline fails before training
+        _choice("gguf.quant", self.quant, GGUF_QUANTS)
+
+
+GGUF_QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0")  # = gptforge.export.gguf.QUANTS (a test checks)
+
+
+@dataclass
+class ExportConfig:
+    """`gptforge export`: a model as a Hugging Face dir (config, safetensors, tokenizer, card) or a GGUF file.
+
+    Verified before it is moved into place: the HF dir reloaded in transformers, the GGUF run in llama.cpp
+    (llama-cpp-python; else transformers' GGUF reader), logits compared. The pipeline's export stage shares it.
     """
 
     checkpoint: str | None = None
-    """gptforge checkpoint directory to export."""
+    """Model to export: a gptforge checkpoint dir, a LoRA run dir (merged first) or, for gguf, an HF GPT-2 dir."""
     out: str | None = None
-    """Output directory."""
+    """Output directory (hf) or .gguf file (gguf)."""
     overwrite: bool = False
-    """Replace a non-empty output directory."""
+    """Replace an existing output."""
     verify: bool = True
-    """Reload the export in transformers and compare logits with the gptforge model."""
+    """Run the export (transformers / llama.cpp) and compare logits with the gptforge model."""
+    formats: list[str] = field(default_factory=lambda: ["hf"])
+    """hf (a Hugging Face dir) and/or gguf (one file for llama.cpp, Ollama, LM Studio); `--format` sets one."""
+    gguf: GGUFConfig = field(default_factory=GGUFConfig)
+    """The GGUF file (when formats lists gguf); `--quant` and `--ollama` set its keys."""
+    license: str | None = None
+    """License written into a GGUF file's general.license (e.g. mit); unset: none."""
+
+    def __post_init__(self) -> None:
+        for f in self.formats:
+            _choice("format", f, EXPORT_FORMATS)
+
+
+EXPORT_FORMATS = ("hf", "gguf")
 
 
 @dataclass

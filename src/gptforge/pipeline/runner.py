@@ -92,16 +92,38 @@ def _run_export(pipe: Pipeline, cfg: Any) -> tuple[str, dict, dict]:
         model = load_model(ckpt)
         card_metrics = ((eval_man or {}).get("metrics") or {}).get(model_stage)
         out = pipe.stage_dir("export") / model_stage
-        export(
-            model,
-            out,
-            metrics=card_metrics,
-            prompt_style=read_metadata(ckpt, "prompt_style.json"),
-            overwrite=True,
-            verify=cfg.verify,
-        )
-        outputs[model_stage] = str(out)
         metrics[model_stage] = {"verified": cfg.verify}
+        if "hf" in cfg.formats:
+            export(
+                model,
+                out,
+                metrics=card_metrics,
+                prompt_style=read_metadata(ckpt, "prompt_style.json"),
+                overwrite=True,
+                verify=cfg.verify,
+            )
+            outputs[model_stage] = str(out)
+        if "gguf" in cfg.formats:
+            from gptforge.export.gguf import export_gguf
+            from gptforge.tasks.instruct import get_prompt_style
+
+            style = read_metadata(ckpt, "prompt_style.json")
+            g = export_gguf(
+                model,
+                # a dir per model: its Modelfile, if any, sits beside its file
+                pipe.stage_dir("export") / f"{model_stage}-gguf" / f"{model_stage}-{cfg.gguf.quant}.gguf",
+                cfg.gguf.quant,
+                name=f"{pipe.name}-{model_stage}",
+                metrics=card_metrics,
+                prompt_style=get_prompt_style(style) if style else None,
+                license=cfg.license,
+                overwrite=True,
+                verify=cfg.verify,
+                ollama=cfg.gguf.ollama,
+            )
+            outputs[f"{model_stage}_gguf"] = str(g.path)
+            if g.check:
+                metrics[model_stage]["gguf"] = g.check.short(g.quant)
     return "done", metrics, outputs
 
 
