@@ -28,7 +28,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "gptforge.commands.train:pretrain",
         "train a language model on text (scratch or checkpoint)",
     ),
-    "finetune": ("gptforge.commands.train:finetune", "finetune: `finetune classify` or `finetune instruct`"),
+    "finetune": (
+        "gptforge.commands.train:finetune",
+        "finetune: `finetune classify`, `finetune instruct` or `finetune dpo`",
+    ),
 }
 
 
