@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Any
 
 import torch
-from typing import Any
 
 from gptforge.errors import ConfigError
 from gptforge.model.config import IGNORE_INDEX, GPTConfig
