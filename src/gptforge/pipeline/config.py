@@ -277,9 +277,9 @@ class DPOLossConfig:
     beta: float = 0.1
     """Strength of the pull towards the reference model (the implicit reward's scale)."""
     loss: str = "sigmoid"
-    """sigmoid (the DPO paper's) or ipo."""
+    """sigmoid (the DPO paper's), robust (unbiased under label noise, rDPO) or ipo."""
     label_smoothing: float = 0.0
-    """sigmoid: the assumed share of flipped preferences (conservative DPO), in [0, 0.5)."""
+    """sigmoid (cDPO) and robust: the assumed share of flipped preferences, in [0, 0.5)."""
     disable_dropout: bool = True
     """Turn the policy's dropout off, so its log-probs start equal to the reference's (as TRL does)."""
 
@@ -629,13 +629,15 @@ def validate(cfg: Any) -> Any:
         if cfg.data.limit is not None and cfg.data.limit < 1:
             raise ConfigError(f"data.limit={cfg.data.limit} must be >= 1")
     if isinstance(cfg, DPOConfig):
-        _choice("dpo.loss", cfg.dpo.loss, ("sigmoid", "ipo"))
+        _choice("dpo.loss", cfg.dpo.loss, ("sigmoid", "robust", "ipo"))
         if cfg.dpo.beta <= 0:
             raise ConfigError(f"dpo.beta={cfg.dpo.beta} must be > 0")
         if not 0.0 <= cfg.dpo.label_smoothing < 0.5:
             raise ConfigError(f"dpo.label_smoothing={cfg.dpo.label_smoothing} must be in [0, 0.5)")
-        if cfg.dpo.label_smoothing and cfg.dpo.loss != "sigmoid":
-            raise ConfigError("dpo.label_smoothing applies to dpo.loss=sigmoid only; set it to 0")
+        if cfg.dpo.label_smoothing and cfg.dpo.loss == "ipo":
+            raise ConfigError(
+                "dpo.label_smoothing applies to dpo.loss sigmoid and robust, not ipo; set it to 0"
+            )
         for name, low in (("limit", 1), ("max_length", 2)):
             v = getattr(cfg.data, name)
             if v is not None and v < low:

@@ -10,8 +10,9 @@ Why it is written the way it is:
   as dataset columns and cached by fingerprint like tokenization, so training holds one model. With LoRA
   the reference is the base with the adapters switched off, computed per batch instead.
 - `dpo_loss` is the sigmoid loss of Rafailov et al. with conservative label smoothing (cDPO: the
-  preference is flipped with probability `label_smoothing`), or IPO (Azar et al.) on per-token mean
-  log-ratios, TRL's normalisation; `tests/tasks/test_dpo.py` checks both against TRL.
+  preference is flipped with probability `label_smoothing`; TRL's sigmoid before 1.0), its unbiased
+  "robust" form (rDPO, divided by 1 - 2 eps: TRL's `robust`), or IPO (Azar et al.) on per-token mean
+  log-ratios (TRL's normalisation); `tests/tasks/test_dpo.py` checks them against TRL.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from gptforge.tasks.splits import first_n
 log = logging.getLogger(__name__)
 
 KNOWN = "instruction-preference"
-LOSSES = ("sigmoid", "ipo")
+LOSSES = ("sigmoid", "robust", "ipo")
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 FIELDS = ("instruction", "input", "chosen", "rejected", "where")  # where: file and record, for errors
 
@@ -239,14 +240,19 @@ def dpo_loss(
     """Per-pair loss, chosen reward and rejected reward, (B,) each; rewards are beta * log-ratio, detached.
 
     sigmoid: -(1 - eps) log sigma(beta d) - eps log sigma(-beta d), d the difference of the log-ratios
-    (eps = label_smoothing, cDPO). ipo: (d' - 1 / (2 beta))^2 with d' from per-token mean log-ratios
+    (eps = label_smoothing, cDPO); robust: (-(1 - eps) log sigma(beta d) + eps log sigma(-beta d)) / (1 - 2 eps).
+    ipo: (d' - 1 / (2 beta))^2 with d' from per-token mean log-ratios
     (`chosen_tokens`/`rejected_tokens` are the response lengths).
     """
     chosen_ratio = chosen_logps - ref_chosen_logps.to(chosen_logps.dtype)
     rejected_ratio = rejected_logps - ref_rejected_logps.to(rejected_logps.dtype)
-    if loss == "sigmoid":
+    if loss in ("sigmoid", "robust"):
         d = beta * (chosen_ratio - rejected_ratio)
-        losses = -F.logsigmoid(d) * (1.0 - label_smoothing) - F.logsigmoid(-d) * label_smoothing
+        eps = label_smoothing
+        if loss == "sigmoid":
+            losses = -F.logsigmoid(d) * (1.0 - eps) - F.logsigmoid(-d) * eps
+        else:
+            losses = (-F.logsigmoid(d) * (1.0 - eps) + F.logsigmoid(-d) * eps) / (1.0 - 2.0 * eps)
     elif loss == "ipo":
         if chosen_tokens is None or rejected_tokens is None:
             raise ValueError("loss='ipo' needs chosen_tokens and rejected_tokens (the response lengths)")
