@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from gptforge.errors import DataError
 from gptforge.model.config import GPTConfig
 from gptforge.model.gpt import GPT
-from gptforge.pipeline.config import DPODataConfig
 from gptforge.tasks import dpo
 
 PAIRS = [  # uneven prompts and responses, so padding and prompt masks differ per row
