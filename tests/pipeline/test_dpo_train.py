@@ -1,0 +1,200 @@
+"""DPO training end to end: rewards rise on the reference preference pairs, LoRA's reference is the base,
+resume after SIGKILL is bit-exact, and bad input is one line with exit 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gptforge.cli import main
+from gptforge.model.checkpoint import save_checkpoint
+from gptforge.model.config import GPTConfig
+from gptforge.model.gpt import GPT
+from gptforge.pipeline.checkpoints import FINAL, list_checkpoints
+from gptforge.pipeline.config import load_config
+from gptforge.pipeline.runinfo import read_metrics
+from gptforge.pipeline.train import run_dpo
+
+
+@pytest.fixture
+def env(shared_data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("GPTFORGE_DATA_DIR", str(shared_data_dir))
+    monkeypatch.setenv("GPTFORGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("GPTFORGE_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))
+    return tmp_path
+
+
+def overrides(out: Path, **kw) -> dict:
+    return {
+        "model.init": "scratch",
+        "model.preset": "test-tiny",
+        "model.context_length": 96,
+        "data.limit": 32,
+        "train.batch_size": 8,
+        "train.epochs": 4,
+        "train.lr": 3e-3,
+        "train.eval_every": 4,
+        "train.eval_batches": None,
+        "train.seed": 7,
+        "train.progress": False,
+        "train.plot": False,
+        "train.out_dir": str(out),
+        **kw,
+    }
+
+
+def test_rewards_rise_on_the_reference_pairs(env):
+    res = run_dpo(load_config("dpo", **overrides(env / "run")))
+    steps = [r for r in read_metrics(env / "run" / "metrics.jsonl") if "lr" in r]
+    assert [r["step"] for r in steps] == list(range(1, 17))
+    first, last = steps[0], steps[-1]
+    # step 1: the policy is the reference, so every reward is 0 (up to fp noise of two equal forwards)
+    assert abs(first["rewards/margins"]) < 1e-4 and abs(first["loss"] - 0.693147) < 1e-4
+    assert res.metrics["train_rewards/accuracy"] > 0.9
+    assert res.metrics["train_rewards/margins"] > 0.5 > first["rewards/margins"]
+    assert last["rewards/margins"] > steps[3]["rewards/margins"] > first["rewards/margins"]
+    evals = [
+        r
+        for r in read_metrics(env / "run" / "metrics.jsonl")
+        if "val_rewards/accuracy" in r and not r.get("final")
+    ]
+    assert len(evals) == 4 and all("val_rewards/margins" in r for r in evals)
+    assert json.loads((env / "run" / FINAL / "prompt_style.json").read_text())["name"] == "alpaca"
+
+
+def test_lora_reference_is_the_base_with_adapters_off(env, tmp_path):
+    torch.manual_seed(3)
+    base = GPT(GPTConfig.from_preset("test-tiny", context_length=96))
+    save_checkpoint(base, tmp_path / "base")
+    ov = overrides(env / "lora", **{"model.init": str(tmp_path / "base"), "lora.r": 4, "train.epochs": 1})
+    del ov["model.preset"], ov["model.context_length"]
+    run_dpo(load_config("dpo", **ov))
+    steps = [r for r in read_metrics(env / "lora" / "metrics.jsonl") if "lr" in r]
+    # lora_B starts at 0: the first step's policy is exactly the reference
+    assert steps[0]["rewards/chosen"] == 0.0 and steps[0]["rewards/rejected"] == 0.0
+    assert steps[-1]["rewards/margins"] != 0.0
+
+
+def _argv(ov: dict) -> list[str]:
+    out = []
+    for k, v in ov.items():
+        out += [f"--{k}", "null" if v is None else str(v)]
+    return out
+
+
+def test_sigkill_then_resume_equals_uninterrupted_run(env):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ov = overrides(env / "ref", **{"train.save_every": 3, "train.keep_last": 5})
+        ref = run_dpo(load_config("dpo", **ov))
+        out = env / "run"
+        ov = {**ov, "train.out_dir": str(out)}
+        child_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+        p = subprocess.Popen(
+            [sys.executable, "-m", "gptforge.cli", "finetune", "dpo", *_argv(ov)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=child_env,
+        )
+        target = out / "checkpoints" / "step-00000006"
+        import time
+
+        deadline = time.monotonic() + 240
+        while not target.exists():
+            assert p.poll() is None, p.communicate()[1][-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        p.kill()
+        p.wait(timeout=60)
+        assert p.returncode == -signal.SIGKILL
+        k = int(list_checkpoints(out)[-1].name.split("-")[1])
+        assert 6 <= k < 16 and not (out / FINAL).exists()
+        res = run_dpo(load_config("dpo", **{**ov, "train.resume": "auto"}))
+    finally:
+        torch.set_num_threads(threads)
+    got = [r for r in read_metrics(out / "metrics.jsonl") if "lr" in r]
+    want = [r for r in read_metrics(env / "ref" / "metrics.jsonl") if "lr" in r]
+    drop = ("tokens_per_s",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in got] == [
+        {k: v for k, v in r.items() if k not in drop} for r in want
+    ]
+    a, b = load_file(env / "ref" / FINAL / "model.safetensors"), load_file(out / FINAL / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert res.metrics["val_rewards/accuracy"] == ref.metrics["val_rewards/accuracy"]
+
+
+# -- bad input: one line, exit 2 -----------------------------------------------------------------------
+
+
+def cli_error(capsys, *argv: str) -> str:
+    code = main(list(argv))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [x for x in err.splitlines() if x.strip() and "%|" not in x and "dropped" not in x]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def _file(tmp_path: Path, records: list[dict]) -> Path:
+    p = tmp_path / "pairs.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return p
+
+
+GOOD = {"instruction": "Say hi.", "input": "", "chosen": "Hi!", "rejected": "No."}
+
+
+def _cli(tmp_path, data: Path, *extra: str) -> list[str]:
+    base = ["finetune", "dpo", "--model.init", "scratch", "--model.preset", "test-tiny"]
+    return [*base, "--data.dataset", str(data), "--train.out_dir", str(tmp_path / "o"), *extra]
+
+
+def test_missing_rejected_names_the_line_and_the_flag(env, capsys, tmp_path):
+    bad = {k: v for k, v in GOOD.items() if k != "rejected"}
+    err = cli_error(capsys, *_cli(tmp_path, _file(tmp_path, [GOOD] * 5 + [bad])))
+    assert "pairs.jsonl: line 6 has no field 'rejected'" in err and "data.rejected_column" in err
+
+
+def test_missing_chosen_with_a_renamed_column(env, capsys, tmp_path):
+    recs = [{**{k: v for k, v in GOOD.items() if k != "chosen"}, "good": "Hi!"}] * 3
+    err = cli_error(capsys, *_cli(tmp_path, _file(tmp_path, recs), "--data.chosen_column", "better"))
+    assert "line 1 has no field 'better'" in err and "data.chosen_column" in err
+
+
+def test_identical_chosen_and_rejected(env, capsys, tmp_path):
+    same = {**GOOD, "rejected": GOOD["chosen"]}
+    err = cli_error(capsys, *_cli(tmp_path, _file(tmp_path, [GOOD, GOOD, same])))
+    assert "line 3: 'chosen' and 'rejected' are identical" in err and "data.drop_identical" in err
+
+
+def test_prompt_leaving_no_room_for_the_response(env, capsys, tmp_path):
+    long = {**GOOD, "instruction": "word " * 80}
+    err = cli_error(capsys, *_cli(tmp_path, _file(tmp_path, [GOOD] * 4 + [long]), "--data.max_length", "40"))
+    assert "line 5: its prompt is" in err and "leaves no room for a response in max_length=40" in err
+
+
+def test_classifier_as_init(env, capsys, tmp_path):
+    clf = GPT(GPTConfig.from_preset("test-tiny"))
+    clf.add_classification_head(2, {0: "ham", 1: "spam"})
+    save_checkpoint(clf, tmp_path / "clf")
+    err = cli_error(
+        capsys,
+        "finetune",
+        "dpo",
+        "--model.init",
+        str(tmp_path / "clf"),
+        "--train.out_dir",
+        str(tmp_path / "o"),
+    )
+    assert "is a classifier; DPO needs a language model" in err
