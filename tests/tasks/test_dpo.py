@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from gptforge.errors import DataError
 from gptforge.model.config import GPTConfig
 from gptforge.model.gpt import GPT
+from gptforge.pipeline.config import DPODataConfig
 from gptforge.tasks import dpo
 
 PAIRS = [  # uneven prompts and responses, so padding and prompt masks differ per row
@@ -137,3 +139,66 @@ def test_loss_rewards_and_gradients_equal_trl(tmp_path, loss, label_smoothing):
     worst = max(float((ours[n] - theirs[n]).abs().max()) for n in theirs if n in ours)
     assert worst < 1e-5, worst
     assert max(float(g.abs().max()) for g in ours.values()) > 1e-3  # gradients are not trivially zero
+
+
+def test_prompt_and_padding_tokens_never_count():
+    """Each row's log-prob is the sum over its response tokens alone: the same batched (padded, uneven
+    prompts) as alone, whatever the pad id, and equal to a sum over full-softmax log-probs of the
+    response positions only."""
+    _, policy = _models()
+    items = _tokenized()
+    lens = [(len(it["prompt_ids"]), len(it["chosen_ids"]), len(it["rejected_ids"])) for it in items]
+    assert len({p for p, _, _ in lens}) == 3 and len({c + r for _, c, r in lens}) == 3  # uneven
+    b = dpo.PreferenceCollator()(items)
+    b_other_pad = dpo.PreferenceCollator(pad_token_id=123)(items)
+    with torch.no_grad():
+        batched = dpo.sequence_logps(policy, b["input_ids"], b["targets"])
+        other = dpo.sequence_logps(policy, b_other_pad["input_ids"], b_other_pad["targets"])
+        torch.testing.assert_close(batched, other, atol=1e-5, rtol=0)
+        for i, it in enumerate(items):
+            for row, key in ((i, "chosen_ids"), (i + len(items), "rejected_ids")):
+                p, r = list(it["prompt_ids"]), list(it[key])
+                ids = torch.tensor([p + r])
+                logp = torch.log_softmax(policy(ids[:, :-1]).float(), -1)[0]
+                want = sum(float(logp[len(p) - 1 + j, t]) for j, t in enumerate(r))
+                assert abs(float(batched[row]) - want) < 1e-4, (row, float(batched[row]), want)
+                alone = dpo.PreferenceCollator()([{**it, "chosen_ids": r, "rejected_ids": r}])
+                one = dpo.sequence_logps(policy, alone["input_ids"][:1], alone["targets"][:1])
+                torch.testing.assert_close(one[0], batched[row], atol=1e-5, rtol=0)
+    # every response token is a target exactly once; no prompt or padding position is
+    n_targets = (b["targets"] != -100).sum(1).tolist()
+    assert n_targets == [c for _, c, _ in lens] + [r for _, _, r in lens]
+    assert all(it["chosen_ids"][-1] == it["rejected_ids"][-1] == 50256 for it in items)  # each ends with EOT
+
+
+def test_reference_logps_are_cached_by_fingerprint(tmp_path, monkeypatch):
+    import datasets
+    from datasets import Dataset, DatasetDict
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path))
+    ref, policy = _models()
+    items = _tokenized()
+    dsd = DatasetDict(
+        {"train": Dataset.from_list(items).select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])}
+    )
+    calls = []
+    hook = ref.register_forward_hook(lambda *a: calls.append(1))
+    first = dpo.add_reference_logps(dsd, ref)["train"]
+    n = len(calls)
+    again = dpo.add_reference_logps(dsd, ref)["train"]
+    assert n > 0 and len(calls) == n  # read back, not recomputed
+    assert first["ref_chosen_logps"] == again["ref_chosen_logps"]
+    hook.remove()
+    other = dpo.add_reference_logps(dsd, policy)["train"]  # other weights: another cache entry
+    assert other["ref_chosen_logps"] != first["ref_chosen_logps"]
+
+
+def test_load_splits_follows_the_instruction_split_and_drops_the_six_identical_pairs(
+    shared_data_dir, monkeypatch
+):
+    monkeypatch.setenv("GPTFORGE_DATA_DIR", str(shared_data_dir))
+    monkeypatch.setenv("GPTFORGE_OFFLINE", "1")
+    dsd = dpo.load_splits(DPODataConfig(), seed=123)
+    assert {k: len(v) for k, v in dsd.items()} == {"train": 935 - 6, "validation": 55, "test": 110}
+    with pytest.raises(DataError, match="are identical.*data.drop_identical"):
+        dpo.load_splits(DPODataConfig(drop_identical=False), seed=123)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -72,7 +73,7 @@ def load_preference_data(data: PreferenceData, seed: int = 123, fractions: Seque
     file = resolve(KNOWN) if known else resolve("instruction-preference", data.dataset)
     records = read_json_records(file)
     drop_identical = known if data.drop_identical is None else data.drop_identical
-    rows, dropped = [], 0
+    rows = []
     instr_col = data.prompt_column or data.instruction_column
     for i, rec in enumerate(records):
         where = f"{file}: {row_place(file, i)}"
@@ -95,28 +96,29 @@ def load_preference_data(data: PreferenceData, seed: int = 123, fractions: Seque
         inp = "" if data.prompt_column else rec.get(data.input_column)
         if inp is not None and not isinstance(inp, str):
             raise DataError(f"{where} field {data.input_column!r} must be a string (or absent)")
-        if out["chosen"].strip() == out["rejected"].strip():
-            if drop_identical:
-                dropped += 1
-                continue
+        same = out["chosen"].strip() == out["rejected"].strip()
+        if same and not drop_identical:
             raise DataError(
                 f"{where}: {data.chosen_column!r} and {data.rejected_column!r} are identical, so there is "
                 "no preference to learn; fix or remove the record, or set data.drop_identical: true"
             )
-        rows.append({"instruction": rec[instr_col], "input": inp or "", **out, "where": where})
+        rows.append({"instruction": rec[instr_col], "input": inp or "", **out, "where": where, "_same": same})
+    # split first, drop after: the splits are the instruction data's, record for record
+    n_train, n_test = int(len(rows) * fractions[0]), int(len(rows) * fractions[1])
+    bounds = {
+        "train": (0, n_train),
+        "validation": (n_train + n_test, len(rows)),
+        "test": (n_train, n_train + n_test),
+    }
+    parts, dropped = {}, 0
+    for split, (lo, hi) in bounds.items():
+        keep = [r for r in rows[lo:hi] if not r["_same"]]
+        dropped += hi - lo - len(keep)
+        parts[split] = Dataset.from_dict({k: [r[k] for r in keep] for k in FIELDS})
     if dropped:
         log.warning("%s: dropped %d records whose chosen and rejected responses are identical", file, dropped)
-    if not rows:
-        raise DataError(f"{file}: no preference records; add records with chosen and rejected responses")
-    ds = Dataset.from_dict({k: [r[k] for r in rows] for k in FIELDS})
-    n_train, n_test = int(len(ds) * fractions[0]), int(len(ds) * fractions[1])
-    parts = {
-        "train": ds.select(range(0, n_train)),
-        "validation": ds.select(range(n_train + n_test, len(ds))),
-        "test": ds.select(range(n_train, n_train + n_test)),
-    }
     if len(parts["train"]) == 0:
-        raise DataError(f"{file}: {len(ds)} records give an empty train split; add records")
+        raise DataError(f"{file}: {len(rows)} records give an empty train split; add records")
     return DatasetDict(parts)
 
 
@@ -315,8 +317,9 @@ def weights_fingerprint(model: nn.Module) -> str:
 def add_reference_logps(dsd, model: nn.Module, batch_size: int = 8, device: str | torch.device = "cpu"):
     """Add `ref_chosen_logps`/`ref_rejected_logps` (the frozen model's, fp64 columns) to every split.
 
-    One eval-mode pass before training; the result is cached by the tokenized data's fingerprint and the
-    weights' hash, so a rerun or a second process reads it instead of computing it again.
+    One eval-mode pass before training; the result is an Arrow file in the `datasets` cache named by the
+    tokenized data's fingerprint and the weights' hash, so a rerun, a resume or a second process reads it
+    instead of computing it again.
     """
     from datasets import DatasetDict, Value
 
@@ -332,17 +335,23 @@ def add_reference_logps(dsd, model: nn.Module, batch_size: int = 8, device: str 
         c, r = logps.chunk(2)
         return {"ref_chosen_logps": c.tolist(), "ref_rejected_logps": r.tolist()}
 
+    import datasets
+
+    base = Path(datasets.config.HF_DATASETS_CACHE) / "gptforge"  # where pretraining's token cache lives
+    base.mkdir(parents=True, exist_ok=True)
     out = {}
     for split, ds in dsd.items():
         feats = ds.features.copy()
         for key in REF_COLUMNS:
             feats[key] = Value("float64")
+        fingerprint = map_fingerprint(ds, "dpo-ref-logps-v1", fp, None)
         out[split] = ds.map(
             score,
             batched=True,
             batch_size=batch_size,
             features=feats,
-            new_fingerprint=map_fingerprint(ds, "dpo-ref-logps-v1", fp, None),
+            cache_file_name=str(base / f"dpo-ref-logps-{fingerprint}.arrow"),
+            new_fingerprint=fingerprint,
             desc=f"reference log-probs {split}",
         )
     model.train(was_training)
