@@ -198,3 +198,61 @@ def test_classifier_as_init(env, capsys, tmp_path):
         str(tmp_path / "o"),
     )
     assert "is a classifier; DPO needs a language model" in err
+
+
+PIPE = """
+name: p
+stages: [pretrain, instruct, dpo, evaluate, export]
+pretrain:
+  model: {init: scratch, preset: test-tiny, context_length: 96}
+  data: {sources: [instruction:train], context_length: 96}
+  train: {max_steps: 2, batch_size: 8, progress: false, plot: false}
+instruct:
+  model: {init: pretrain}
+  data: {limit: 16, mask_prompt: true}
+  train: {max_steps: 2, progress: false, plot: false}
+dpo:
+  model: {init: instruct}
+  data: {limit: 16}
+  train: {max_steps: 2, progress: false, plot: false}
+evaluate: {max_new_tokens: 2, progress: false, data: {limit: 8}}
+export: {}
+"""
+
+
+def test_pipeline_dpo_stage_after_instruct_is_evaluated_and_exported(env, tmp_path):
+    from gptforge.pipeline.runner import run_pipeline
+    from gptforge.pipeline.stages import load_pipeline
+
+    path = tmp_path / "p.yaml"
+    path.write_text(PIPE, encoding="utf-8")
+    run_pipeline(load_pipeline(path, runs_dir=tmp_path / "runs"))
+    root = tmp_path / "runs" / "p"
+    run = json.loads((root / "dpo" / FINAL / "run.json").read_text())
+    assert run["task"] == "dpo" and run["config"]["model"]["init"] == str(root / "instruct" / FINAL)
+    m = json.loads((root / "evaluate" / "dpo" / "metrics.json").read_text())
+    assert m["task"] == "dpo" and m["source"]["reference"] == str(root / "instruct" / FINAL)
+    assert m["splits"]["test"]["n"] == 8 and 0.0 <= m["splits"]["test"]["rewards/accuracy"] <= 1.0
+    assert (root / "export" / "dpo" / "model.safetensors").is_file()
+    assert json.loads((root / "export" / "dpo" / "prompt_style.json").read_text())["name"] == "alpaca"
+
+
+def test_evaluate_an_instruction_model_as_dpo_has_zero_rewards(env, tmp_path):
+    """`--task dpo` on a model that is not a DPO run: it is its own reference (the 'before' numbers)."""
+    from gptforge.pipeline.config import EvaluateConfig, EvaluateDataConfig
+    from gptforge.pipeline.evaluate import evaluate_checkpoint
+
+    torch.manual_seed(1)
+    save_checkpoint(GPT(GPTConfig.from_preset("test-tiny", context_length=96)), tmp_path / "m")
+    cfg = EvaluateConfig(
+        checkpoint=str(tmp_path / "m"),
+        task="dpo",
+        out=str(tmp_path / "e"),
+        progress=False,
+        data=EvaluateDataConfig(limit=8),
+    )
+    m = evaluate_checkpoint(cfg)
+    test = m["splits"]["test"]
+    assert (
+        test["rewards/accuracy"] == 0.0 and test["rewards/margins"] == 0.0 and 0 <= test["logp_accuracy"] <= 1
+    )
