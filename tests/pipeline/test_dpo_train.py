@@ -256,3 +256,41 @@ def test_evaluate_an_instruction_model_as_dpo_has_zero_rewards(env, tmp_path):
     assert (
         test["rewards/accuracy"] == 0.0 and test["rewards/margins"] == 0.0 and 0 <= test["logp_accuracy"] <= 1
     )
+
+
+def test_torchrun_two_processes_equal_one_process(env):
+    """2 processes x batch 4 equal 1 x batch 8: the pair mean is normalised over the global batch, and
+    the rewards are reduced over both processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    common = {"data.limit": 24, "train.epochs": 1, "train.lr": 1e-3, "train.eval_every": 0}
+    try:
+        run_dpo(load_config("dpo", **overrides(env / "one", **common)))
+    finally:
+        torch.set_num_threads(threads)
+    ov = overrides(env / "two", **common, **{"train.batch_size": 4})
+    child_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["-m", "gptforge.cli", "finetune", "dpo", *_argv(ov)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run = json.loads((env / "two" / "run.json").read_text())
+    assert run["num_processes"] == 2
+    keys = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy")
+    one = [r for r in read_metrics(env / "one" / "metrics.jsonl") if "lr" in r]
+    two = [r for r in read_metrics(env / "two" / "metrics.jsonl") if "lr" in r]
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3]
+    for a, b in zip(one, two):
+        for k in keys:
+            assert b[k] == pytest.approx(a[k], abs=1e-5), (a["step"], k)
+    f1 = [r for r in read_metrics(env / "one" / "metrics.jsonl") if r.get("final")][0]
+    f2 = [r for r in read_metrics(env / "two" / "metrics.jsonl") if r.get("final")][0]
+    for k in ("val_loss", "val_rewards/accuracy", "val_rewards/margins", "test_rewards/accuracy"):
+        assert f2[k] == pytest.approx(f1[k], abs=1e-5), k
+    w1 = load_file(env / "one" / FINAL / "model.safetensors")
+    w2 = load_file(env / "two" / FINAL / "model.safetensors")
+    for name in w1:
+        if name.endswith("attn.qkv.bias"):  # key bias: zero true gradient, AdamW-amplified float noise
+            d = w1[name].numel() // 3
+            w1[name], w2[name] = w1[name][:d], w2[name][:d]
+        torch.testing.assert_close(w2[name], w1[name], atol=1e-5, rtol=0)
