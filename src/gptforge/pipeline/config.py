@@ -363,7 +363,7 @@ class EvaluateConfig:
     response_key: str = "model_response"
     """The response field of a responses file."""
     task: str | None = None
-    """pretrain, classify or instruct (null: from the checkpoint: classifier, prompt style, else LM)."""
+    """pretrain, classify, instruct or dpo (null: from the checkpoint: classifier, DPO run, prompt style, else LM)."""
     data: EvaluateDataConfig = field(default_factory=EvaluateDataConfig)
     splits: list[str] | None = None
     """Splits to score (null: validation,test for pretrain; train,validation,test for classify; test for instruct)."""
