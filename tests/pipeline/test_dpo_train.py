@@ -282,6 +282,8 @@ def test_torchrun_two_processes_equal_one_process(env):
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3]
     for a, b in zip(one, two):
         for k in keys:
+            if k == "rewards/accuracy" and a["step"] == 1:
+                continue  # policy == reference: every reward is 0 up to rounding, so "chosen > rejected" is noise
             assert b[k] == pytest.approx(a[k], abs=1e-5), (a["step"], k)
     f1 = [r for r in read_metrics(env / "one" / "metrics.jsonl") if r.get("final")][0]
     f2 = [r for r in read_metrics(env / "two" / "metrics.jsonl") if r.get("final")][0]
