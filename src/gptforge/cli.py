@@ -12,7 +12,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": (
         "gptforge.commands.run:run",
-        "run a pipeline YAML: pretrain -> classify -> instruct -> evaluate -> export",
+        "run a pipeline YAML: pretrain -> classify -> instruct -> dpo -> evaluate -> export",
     ),
     "info": ("gptforge.commands.generate:info", "presets, parameter counts and memory"),
     "convert": ("gptforge.commands.model:convert", "convert Hugging Face GPT-2 <-> gptforge checkpoints"),
@@ -32,7 +32,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "gptforge.commands.serve:serve",
         "an OpenAI-compatible HTTP server for a model (chat, classify)",
     ),
-    "finetune": ("gptforge.commands.train:finetune", "finetune: `finetune classify` or `finetune instruct`"),
+    "finetune": (
+        "gptforge.commands.train:finetune",
+        "finetune: `finetune classify`, `finetune instruct` or `finetune dpo`",
+    ),
 }
 
 

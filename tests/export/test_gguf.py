@@ -115,6 +115,7 @@ def test_tied_model_has_no_output_tensor_and_llama_cpp_tokenizes_like_gptforge(t
 
 # -- chat template and Modelfile -----------------------------------------------------------------------
 
+
 def test_modelfile_for_an_instruction_model_and_a_base_model():
     text = gg.modelfile(get_prompt_style("alpaca"), "m.gguf")
     st = get_prompt_style("alpaca")

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptforge.model.config import GPTConfig
+from gptforge.model.config import IGNORE_INDEX, GPTConfig
 from gptforge.model.gpt import GPT, lm_loss
 from gptforge.model.perf import fused_linear_cross_entropy
 
@@ -176,3 +176,28 @@ def test_linear_keeps_f_linear_for_training_many_rows_and_autocast():
         assert "aten::linear" in _ops(lambda: lin(torch.randn(129, 16)))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert "aten::linear" in _ops(lambda: lin(x))
+
+
+def test_lm_loss_per_token_scores_only_target_positions_and_equals_the_plain_form():
+    """reduction="none" with ignored positions (DPO's prompts and padding): the same values and gradients
+    as the plain full-logits form, 0 where ignored, with logits computed for the scored positions only."""
+    from gptforge.model.gpt import lm_loss
+
+    torch.manual_seed(0)
+    h = torch.randn(3, 7, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    t = torch.randint(0, 50, (3, 7))
+    t[0, :4] = IGNORE_INDEX
+    t[2, 5:] = IGNORE_INDEX
+    got = lm_loss(h, w, t, reduction="none")
+    (got * torch.arange(21.0)).sum().backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    want = F.cross_entropy(
+        F.linear(h, w).view(-1, 50), t.view(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    (want * torch.arange(21.0)).sum().backward()
+    torch.testing.assert_close(got, want)
+    assert bool((got.view(3, 7)[t == IGNORE_INDEX] == 0).all())
+    torch.testing.assert_close(gh, h.grad)
+    torch.testing.assert_close(gw, w.grad)

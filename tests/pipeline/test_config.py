@@ -23,6 +23,7 @@ STAGE_VERB = {
     "pretrain": "pretrain",
     "classify": "finetune classify",
     "instruct": "finetune instruct",
+    "dpo": "finetune dpo",
     "evaluate": "evaluate",
     "export": "export",
 }
@@ -34,7 +35,7 @@ def all_verbs() -> list[str]:
     for verb in COMMANDS:
         if verb == "run":
             continue
-        verbs += [f"finetune {t}" for t in ("classify", "instruct")] if verb == "finetune" else [verb]
+        verbs += [f"finetune {t}" for t in ("classify", "instruct", "dpo")] if verb == "finetune" else [verb]
     return verbs
 
 
@@ -112,6 +113,7 @@ VERB_ARGV = {
     "pretrain": ["--model.preset", "test-tiny", "--train.lr", "1e-3", "--data.sources", "[a.txt, b.txt]"],
     "finetune classify": ["--model.init", "scratch", "--trainable", "all", "--train.betas", "[0.9, 0.95]"],
     "finetune instruct": ["--lora.r", "4", "--lora.targets", "attn.qkv,mlp.fc", "--data.mask_prompt"],
+    "finetune dpo": ["--model.init", "gpt2", "--dpo.beta", "0.2", "--dpo.loss", "ipo", "--data.limit", "8"],
     "evaluate": ["ck", "--batch-size", "4", "--judge.backend", "openai", "--test-data", "a.txt,b.txt"],
     "classify": ["ck", "spam?", "ham.", "--json", "--batch-size", "2"],
     "export": ["ck", "--out", "hf", "--no-verify"],

@@ -42,6 +42,11 @@ def _print_summary(metrics: dict, out_dir: Path) -> None:
             print(f"{split}: loss {m['loss']:.4f}  perplexity {m['perplexity']:.2f}  ({m['tokens']} tokens)")
         elif task == "classify":
             print(f"{split}: accuracy {m['accuracy']:.4f}  macro F1 {m['macro']['f1']:.4f}  (n={m['n']})")
+        elif task == "dpo":
+            print(
+                f"{split}: reward accuracy {m['rewards/accuracy']:.1%}  margin {m['rewards/margins']:.4f}  "
+                f"log-prob accuracy {m['logp_accuracy']:.1%}  (n={m['n']})"
+            )
         else:
             print(
                 f"{split}: ROUGE-L F1 {m['rouge_l_f1']:.4f}  exact match {m['exact_match']:.1%}  "

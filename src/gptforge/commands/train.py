@@ -1,4 +1,4 @@
-"""`gptforge pretrain` and `gptforge finetune classify|instruct`: parse the config, train, report."""
+"""`gptforge pretrain` and `gptforge finetune classify|instruct|dpo`: parse the config, train, report."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from gptforge.errors import ConfigError
 FINETUNE_TASKS = {
     "classify": "a classification head (SMS spam or your labelled file)",
     "instruct": "instruction tuning (Alpaca-style records)",
+    "dpo": "preference tuning of an instruction model (chosen/rejected pairs, DPO)",
 }
 
 
@@ -42,7 +43,7 @@ def pretrain(argv: list[str]) -> int:
 
 
 def finetune(argv: list[str]) -> int:
-    """`gptforge finetune classify|instruct [--config FILE.yaml] [overrides]`."""
+    """`gptforge finetune classify|instruct|dpo [--config FILE.yaml] [overrides]`."""
     if not argv or argv[0] in ("-h", "--help"):
         lines = [
             "usage: gptforge finetune TASK [--config FILE.yaml] [--section.field VALUE ...]",

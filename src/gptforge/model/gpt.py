@@ -303,9 +303,13 @@ def lm_loss(
             ignore_index=IGNORE_INDEX,
             reduction=reduction,
         )
-    if reduction != "none" and not torch.compiler.is_compiling():
-        # Positions without a target (padding, masked prompts, sampled-out targets) skip the vocab head.
-        keep = targets.reshape(-1) != IGNORE_INDEX
-        if not bool(keep.all()):
-            h, targets = h.reshape(-1, h.shape[-1])[keep], targets.reshape(-1)[keep]
+    # Positions without a target (padding, masked prompts, sampled-out targets) skip the vocab head.
+    keep = targets.reshape(-1) != IGNORE_INDEX
+    if not bool(keep.all()):
+        h_kept, t_kept = h.reshape(-1, h.shape[-1])[keep], targets.reshape(-1)[keep]
+        if reduction != "none":
+            return fused_linear_cross_entropy(h_kept, weight, t_kept, reduction=reduction)
+        # per token (DPO's per-sequence sums, evaluation): logits for the scored positions only, 0 elsewhere
+        per_token = fused_linear_cross_entropy(h_kept, weight, t_kept, reduction="none")
+        return per_token.new_zeros(keep.shape[0]).masked_scatter(keep, per_token)
     return fused_linear_cross_entropy(h, weight, targets, reduction=reduction)

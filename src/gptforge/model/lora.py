@@ -13,11 +13,13 @@ the base): `adapter.safetensors`, `adapter.json` (LoRA config, base path, base f
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import hashlib
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -171,9 +173,12 @@ class LoRALinear(nn.Linear):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=dev, dtype=torch.float32))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # what nn.Linear and PEFT use for A
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.adapter_enabled = True  # False inside `adapters_disabled`: the layer is its base
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
+        if not self.adapter_enabled:
+            return y
         a = self.lora_dropout(x).to(self.lora_A.dtype)  # under autocast F.linear recasts to the compute dtype
         delta = F.linear(F.linear(a, self.lora_A), self.lora_B) * self.scaling
         return y + delta.to(y.dtype)
@@ -235,6 +240,19 @@ def apply_lora(model: GPT, cfg: LoRAConfig) -> GPT:
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """The base model, adapters skipped, for the duration: DPO's reference without a second copy."""
+    mods = list(lora_modules(model).values())
+    for m in mods:
+        m.adapter_enabled = False
+    try:
+        yield model
+    finally:
+        for m in mods:
+            m.adapter_enabled = True
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

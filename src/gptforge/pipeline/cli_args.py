@@ -19,6 +19,7 @@ from gptforge.pipeline.config import (
     ClassifyConfig,
     ClassifyTextsConfig,
     ConvertConfig,
+    DPOConfig,
     EvaluateConfig,
     ExportConfig,
     GenerateConfig,
@@ -67,6 +68,7 @@ VERBS: dict[str, Cli] = {
     "finetune instruct": Cli(
         InstructConfig, "gptforge finetune instruct", aliases={"resume": "train.resume"}
     ),
+    "finetune dpo": Cli(DPOConfig, "gptforge finetune dpo", aliases={"resume": "train.resume"}),
     "evaluate": Cli(
         EvaluateConfig,
         "gptforge evaluate",

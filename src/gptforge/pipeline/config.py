@@ -181,6 +181,21 @@ class InstructTrainConfig(TrainConfig):
 
 
 @dataclass
+class DPOTrainConfig(TrainConfig):
+    """DPO defaults: the book's ch07 DPO notebook (AdamW 5e-6, 1 epoch, batch 8), evaluated every 10 steps."""
+
+    out_dir: str = "runs/dpo"
+    epochs: int = 1
+    batch_size: int = 8
+    lr: float = 5e-6
+    weight_decay: float = 0.01
+    schedule: str = "constant"
+    grad_clip: float | None = None
+    eval_every: int = 10
+    eval_batches: int | None = 5
+
+
+@dataclass
 class PretrainDataConfig:
     """Text corpora packed into blocks of context_length + 1 tokens."""
 
@@ -234,6 +249,42 @@ class InstructDataConfig:
 
 
 @dataclass
+class DPODataConfig:
+    """Preference pairs: a prompt (instruction + input, or one prompt column), a chosen and a rejected response."""
+
+    dataset: str = "instruction-preference"
+    """`instruction-preference` (the book's 1,100 records with chosen/rejected) or a JSON/JSONL file."""
+    prompt_column: str | None = None
+    """A column holding the whole prompt (replaces instruction + input; null: use those)."""
+    instruction_column: str = "instruction"
+    input_column: str = "input"
+    chosen_column: str = "chosen"
+    rejected_column: str = "rejected"
+    prompt_style: str | None = None
+    """How prompts are formatted (null: the init checkpoint's prompt_style.json, else alpaca)."""
+    max_length: int | None = None
+    """Tokens of prompt + response; longer responses are cut (null: the model's context length)."""
+    drop_identical: bool | None = None
+    """Drop pairs whose chosen and rejected are equal (null: only for instruction-preference, 6 such pairs)."""
+    limit: int | None = None
+    """Use only the first N pairs of each split (quick runs, tests)."""
+
+
+@dataclass
+class DPOLossConfig:
+    """The preference loss."""
+
+    beta: float = 0.1
+    """Strength of the pull towards the reference model (the implicit reward's scale)."""
+    loss: str = "sigmoid"
+    """sigmoid (the DPO paper's), robust (unbiased under label noise, rDPO) or ipo."""
+    label_smoothing: float = 0.0
+    """sigmoid (cDPO) and robust: the assumed share of flipped preferences, in [0, 0.5)."""
+    disable_dropout: bool = True
+    """Turn the policy's dropout off, so its log-probs start equal to the reference's (as TRL does)."""
+
+
+@dataclass
 class PretrainConfig:
     """`gptforge pretrain`: next-token loss on packed text, from scratch or from a checkpoint."""
 
@@ -264,6 +315,18 @@ class InstructConfig:
     train: InstructTrainConfig = field(default_factory=InstructTrainConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     """LoRA adapters (lora.r > 0 turns them on: base frozen, only the adapters train)."""
+
+
+@dataclass
+class DPOConfig:
+    """`gptforge finetune dpo`: preference tuning of an instruction model (direct preference optimisation)."""
+
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(init="gpt2"))
+    data: DPODataConfig = field(default_factory=DPODataConfig)
+    train: DPOTrainConfig = field(default_factory=DPOTrainConfig)
+    dpo: DPOLossConfig = field(default_factory=DPOLossConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """LoRA adapters (lora.r > 0: only the adapters train; the reference is the base with adapters off)."""
 
 
 @dataclass
@@ -300,7 +363,7 @@ class EvaluateConfig:
     response_key: str = "model_response"
     """The response field of a responses file."""
     task: str | None = None
-    """pretrain, classify or instruct (null: from the checkpoint: classifier, prompt style, else LM)."""
+    """pretrain, classify, instruct or dpo (null: from the checkpoint: classifier, DPO run, prompt style, else LM)."""
     data: EvaluateDataConfig = field(default_factory=EvaluateDataConfig)
     splits: list[str] | None = None
     """Splits to score (null: validation,test for pretrain; train,validation,test for classify; test for instruct)."""
@@ -519,6 +582,7 @@ TASK_CONFIGS: dict[str, type] = {
     "pretrain": PretrainConfig,
     "classify": ClassifyConfig,
     "instruct": InstructConfig,
+    "dpo": DPOConfig,
 }
 
 STAGE_CONFIGS: dict[str, type] = {
@@ -532,6 +596,7 @@ RUNNER_FILLED: dict[str, tuple[str, ...]] = {
     "pretrain": ("train.out_dir",),
     "classify": ("train.out_dir",),
     "instruct": ("train.out_dir",),
+    "dpo": ("train.out_dir",),
     # per trained model: its checkpoint, its task and its output dir; a stage scores models, not files
     "evaluate": ("checkpoint", "out", "responses", "response_key", "task"),
     "export": ("checkpoint", "out", "overwrite"),
@@ -621,6 +686,20 @@ def validate(cfg: Any) -> Any:
         parse_trainable(cfg.trainable)
         if cfg.data.limit is not None and cfg.data.limit < 1:
             raise ConfigError(f"data.limit={cfg.data.limit} must be >= 1")
+    if isinstance(cfg, DPOConfig):
+        _choice("dpo.loss", cfg.dpo.loss, ("sigmoid", "robust", "ipo"))
+        if cfg.dpo.beta <= 0:
+            raise ConfigError(f"dpo.beta={cfg.dpo.beta} must be > 0")
+        if not 0.0 <= cfg.dpo.label_smoothing < 0.5:
+            raise ConfigError(f"dpo.label_smoothing={cfg.dpo.label_smoothing} must be in [0, 0.5)")
+        if cfg.dpo.label_smoothing and cfg.dpo.loss == "ipo":
+            raise ConfigError(
+                "dpo.label_smoothing applies to dpo.loss sigmoid and robust, not ipo; set it to 0"
+            )
+        for name, low in (("limit", 1), ("max_length", 2)):
+            v = getattr(cfg.data, name)
+            if v is not None and v < low:
+                raise ConfigError(f"data.{name}={v} must be >= {low}")
     if isinstance(cfg, PretrainConfig):
         if not 0.0 < cfg.data.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be in (0, 1)")

@@ -1,4 +1,4 @@
-"""The stage graph: `gptforge run PIPELINE.yaml` runs pretrain -> classify -> instruct -> evaluate -> export.
+"""The stage graph: `gptforge run PIPELINE.yaml` runs pretrain -> classify -> instruct -> dpo -> evaluate -> export.
 
 Each stage runs in `runs/<name>/<stage>/` and leaves a `manifest.json` (pipeline/manifest.py: status,
 config hash, code version, upstream output hashes, the fingerprints of every file it read, metrics,

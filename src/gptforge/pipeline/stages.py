@@ -15,8 +15,8 @@ from typing import Any
 from gptforge.errors import ConfigError, GPTForgeError
 from gptforge.pipeline.manifest import read_manifest
 
-STAGES = ("pretrain", "classify", "instruct", "evaluate", "export")
-TRAIN_STAGES = ("pretrain", "classify", "instruct")
+STAGES = ("pretrain", "classify", "instruct", "dpo", "evaluate", "export")
+TRAIN_STAGES = ("pretrain", "classify", "instruct", "dpo")
 TOP_KEYS = ("name", "runs_dir", "stages", "quick", *STAGES)
 MANIFEST = "manifest.json"
 

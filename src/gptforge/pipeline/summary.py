@@ -31,7 +31,15 @@ def summarize_evaluation(m: dict) -> dict:
     out: dict[str, Any] = {}
     for split, sm in (m.get("splits") or {}).items():
         prefix = SPLIT_PREFIX.get(split, split)
-        for key in ("accuracy", "macro_f1", "loss", "perplexity", "rouge_l_f1", "exact_match"):
+        for key in (
+            "accuracy",
+            "macro_f1",
+            "loss",
+            "perplexity",
+            "rouge_l_f1",
+            "exact_match",
+            "rewards/accuracy",
+        ):
             if isinstance(sm, dict) and isinstance(sm.get(key), (int, float)):
                 out[f"{prefix}_{key}"] = sm[key]
     judge = m.get("judge") or {}
@@ -46,6 +54,7 @@ HEADLINE = {
     "pretrain": ("val_loss", "val_perplexity"),
     "classify": ("train_accuracy", "val_accuracy", "test_accuracy"),
     "instruct": ("val_loss", "test_loss"),
+    "dpo": ("val_rewards/accuracy", "test_rewards/accuracy", "val_rewards/margins"),
 }
 
 

@@ -1,6 +1,6 @@
 """Task glue: build the model, the data and the collate for each task, then hand them to the Trainer.
 
-`run_pretrain(cfg)`, `run_classify(cfg)`, `run_instruct(cfg)` (or `train(task, cfg)`) are what the CLI
+`run_pretrain(cfg)`, `run_classify(cfg)`, `run_instruct(cfg)`, `run_dpo(cfg)` (or `train(task, cfg)`) are what the CLI
 and the pipeline runner call; each returns `RunResult(checkpoint, metrics)`: the final gptforge
 checkpoint dir (or, when stopped by a signal, the resumable checkpoint) and the final metrics.
 """
@@ -11,6 +11,8 @@ import copy
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from gptforge.errors import ConfigError
 from gptforge.model.config import IGNORE_INDEX, GPTConfig
 from gptforge.model.gpt import GPT
@@ -18,6 +20,8 @@ from gptforge.model.load import is_model_dir, load_model
 from gptforge.model.lora import apply_lora, count_parameters
 from gptforge.pipeline.config import (
     ClassifyConfig,
+    DPOConfig,
+    DPOLossConfig,
     InstructConfig,
     ModelConfig,
     PretrainConfig,
@@ -197,7 +201,107 @@ def run_instruct(cfg: InstructConfig) -> RunResult:
     )
 
 
-TASKS = {"pretrain": run_pretrain, "classify": run_classify, "instruct": run_instruct}
+# -- preference tuning ------------------------------------------------------------------------------
+
+
+class DPOTrainer(Trainer):
+    """The Trainer with the DPO loss: the loss is a mean over pairs, and every step and evaluation also
+    reports the implicit rewards (`rewards/chosen`, `rewards/rejected`, `rewards/margins`,
+    `rewards/accuracy`: the share of pairs whose chosen reward is higher)."""
+
+    def __init__(self, cfg, loss: DPOLossConfig, lora: bool = False) -> None:
+        super().__init__(cfg, kind="dpo")
+        self.loss_cfg, self.lora = loss, lora
+
+    def _pairs(self, model, batch):
+        from gptforge.model.lora import adapters_disabled
+        from gptforge.tasks.dpo import batch_loss
+
+        c = self.loss_cfg
+        ref = (lambda: adapters_disabled(model)) if self.lora else None
+        return batch_loss(
+            model, batch, beta=c.beta, loss=c.loss, label_smoothing=c.label_smoothing, reference=ref
+        )
+
+    @staticmethod
+    def _reward_stats(chosen, rejected) -> dict:
+        return {
+            "rewards/chosen": chosen,
+            "rewards/rejected": rejected,
+            "rewards/margins": chosen - rejected,
+            "rewards/accuracy": (chosen > rejected).float(),
+        }
+
+    def compute_loss(self, model, batch):
+        losses, chosen, rejected = self._pairs(model, batch)
+        for k, v in self._reward_stats(chosen, rejected).items():
+            self.step_stats[k] = self.step_stats.get(k, 0.0) + v.sum()
+        return losses.sum()
+
+    def count_targets(self, batch):
+        return batch["input_ids"].shape[0] // 2  # pairs
+
+    def example_stats(self, model, batch):
+        losses, chosen, rejected = self._pairs(model, batch)
+        return {
+            "loss": losses.float(),
+            "count": torch.ones_like(losses),
+            **self._reward_stats(chosen, rejected),
+        }
+
+
+def run_dpo(cfg: DPOConfig) -> RunResult:
+    """Preference tuning (DPO) of an instruction model; the reference is the model it starts from."""
+    from gptforge.model.checkpoint import read_metadata
+    from gptforge.tasks.dpo import (
+        PreferenceCollator,
+        add_reference_logps,
+        disable_dropout,
+        load_splits,
+        tokenize_preference,
+    )
+    from gptforge.tasks.instruct import get_prompt_style
+
+    validate(cfg)
+    d = cfg.data
+    trainer = DPOTrainer(cfg.train, cfg.dpo, lora=cfg.lora.enabled)
+    model = build_model(cfg.model)
+    if model.is_classifier:
+        raise ConfigError(
+            f"model.init={cfg.model.init} is a classifier; DPO needs a language model "
+            "(an instruction model, e.g. the instruct stage's)"
+        )
+    init = Path(cfg.model.init).expanduser()
+    saved = read_metadata(init, "prompt_style.json") if init.is_dir() else None
+    style = get_prompt_style(d.prompt_style or saved or "alpaca")
+    if cfg.dpo.disable_dropout:
+        disable_dropout(model)
+    max_len = _check_context("data.max_length", d.max_length or model.cfg.context_length, model)
+    with trainer.main_process_first():
+        dsd = load_splits(d, seed=cfg.train.seed)
+        tok = tokenize_preference(dsd, style, max_length=max_len)
+        tok = tok.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
+        if not cfg.lora.enabled:  # the frozen reference, once; LoRA: the base, adapters off, per batch
+            model.to(trainer.accelerator.device)
+            tok = add_reference_logps(tok, model, cfg.train.batch_size, trainer.accelerator.device)
+    if cfg.lora.enabled:
+        apply_lora(model, cfg.lora)
+    run_config = _run_config("dpo", cfg, model)
+    run_config.update(
+        prompt_style=style.name, reference="base, adapters off" if cfg.lora.enabled else "precomputed"
+    )
+    return trainer.fit(
+        model,
+        tok["train"],
+        PreferenceCollator(pad_token_id=model.cfg.eos_token_id),
+        tok["validation"] if len(tok["validation"]) else None,
+        final_eval={k: tok[k] for k in ("train", "test") if len(tok[k])},
+        run_config=run_config,
+        metadata={"prompt_style.json": style.to_dict()},
+    )
+
+
+TASKS = {"pretrain": run_pretrain, "classify": run_classify, "instruct": run_instruct, "dpo": run_dpo}
 
 
 def train(task: str, cfg: Any) -> RunResult:

@@ -98,15 +98,16 @@ class Trainer:
     """Trains a GPT on map-style datasets whose collated batches hold `input_ids` and `targets`.
 
     `kind="lm"`: `targets` are next-token ids (B, T) with IGNORE_INDEX ignored; `kind="classify"`: class ids (B,)
-    and an `attention_mask`. Create the Trainer first (it seeds everything and owns the Accelerator),
+    and an `attention_mask`; `kind="dpo"`: a subclass (`pipeline.train.DPOTrainer`) supplies the loss hooks,
+    and every other per-example stat it returns is reported as its mean. Create the Trainer first (it seeds everything and owns the Accelerator),
     prepare data inside `trainer.main_process_first()`, build the model, then call `fit`.
     """
 
     def __init__(self, cfg: TrainConfig, kind: str = "lm") -> None:
         from accelerate.utils import set_seed
 
-        if kind not in ("lm", "classify"):
-            raise ValueError(f"kind must be 'lm' or 'classify', not {kind!r}")
+        if kind not in ("lm", "classify", "dpo"):
+            raise ValueError(f"kind must be 'lm', 'classify' or 'dpo', not {kind!r}")
         cfg.validate()
         self.cfg = cfg
         self.kind = kind
@@ -119,6 +120,8 @@ class Trainer:
         register_adapter_checkpointing(self.accelerator)  # LoRA: resumable checkpoints hold only the adapter
         set_seed(cfg.seed)
         self._signal: int | None = None
+        self.step_stats: dict[str, torch.Tensor] = {}  # per-example sums `compute_loss` adds (dpo: rewards)
+        self._step_means: dict[str, float] = {}
 
     # -- hooks a task (or a test) may override --------------------------------------------------------
     def compute_loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
@@ -266,6 +269,7 @@ class Trainer:
                         tps = (state.tokens_seen - tok_last) / max(now - t_last, 1e-9)
                         t_last, tok_last = now, state.tokens_seen
                         rec = {"step": state.step, "epoch": epoch, "loss": loss, "lr": lr}
+                        rec.update(self._step_means)
                         rec.update({"tokens": state.tokens_seen, "tokens_per_s": round(tps, 1)})
                         if grad_norm is not None:
                             rec["grad_norm"] = grad_norm
@@ -361,6 +365,7 @@ class Trainer:
         n_targets = float(totals[0])
         scale = acc.num_processes / max(n_targets, 1.0)
         loss_sum = torch.zeros((), device=acc.device)
+        self.step_stats = {}
         for i, batch in enumerate(window):
             ctx = contextlib.nullcontext() if i == len(window) - 1 else acc.no_sync(model)
             with ctx:
@@ -368,6 +373,10 @@ class Trainer:
                 acc.backward(loss * scale)
             loss_sum += loss.detach().float()
         loss_global = float(acc.reduce(loss_sum, "sum")) / max(n_targets, 1.0)
+        if self.step_stats:  # their means over the window's examples on all processes, logged with the loss
+            keys = sorted(self.step_stats)
+            sums = acc.reduce(torch.stack([self.step_stats[k].float() for k in keys]), "sum")
+            self._step_means = {k: float(v) / max(n_targets, 1.0) for k, v in zip(keys, sums)}
         if not math.isfinite(loss_global):
             self._diverged(state, loss_global)
         grad_norm = None
@@ -430,8 +439,10 @@ class Trainer:
         out = {"loss": sums.get("loss", float("nan")) / n}
         if self.kind == "classify":
             out["accuracy"] = sums.get("correct", 0.0) / n
-        else:
+        elif self.kind == "lm":
             out["perplexity"] = math.exp(min(out["loss"], 700.0))
+        else:
+            out.update({k: v / n for k, v in sums.items() if k not in ("loss", "count")})
         for name in sources or []:
             if sums.get(f"count/{name}"):
                 out[f"loss/{name}"] = sums[f"loss/{name}"] / sums[f"count/{name}"]

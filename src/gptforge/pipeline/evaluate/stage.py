@@ -11,19 +11,27 @@ from typing import Any
 from gptforge.errors import ConfigError, GPTForgeError
 from gptforge.pipeline.config import TASK_CONFIGS, EvaluateConfig, EvaluateDataConfig, TrainConfig
 from gptforge.pipeline.evaluate.classify import evaluate_classify
+from gptforge.pipeline.evaluate.dpo import evaluate_dpo
 from gptforge.pipeline.evaluate.instruct import evaluate_instruct, load_responses, score_responses
 from gptforge.pipeline.evaluate.pretrain import evaluate_pretrain, source_names
 
-TASKS = ("pretrain", "classify", "instruct")
-EVALUATORS = {"pretrain": evaluate_pretrain, "classify": evaluate_classify, "instruct": evaluate_instruct}
+TASKS = ("pretrain", "classify", "instruct", "dpo")
+EVALUATORS = {
+    "pretrain": evaluate_pretrain,
+    "classify": evaluate_classify,
+    "instruct": evaluate_instruct,
+    "dpo": evaluate_dpo,
+}
 
 
 def infer_task(ckpt_dir: str | os.PathLike, model=None) -> str:
-    """classify for a classifier, instruct when a prompt style is saved, else pretrain."""
+    """classify for a classifier, dpo for a DPO run's model, instruct when a prompt style is saved, else pretrain."""
     from gptforge.model.checkpoint import read_metadata
 
     if model is not None and model.cfg.num_labels:
         return "classify"
+    if (read_metadata(ckpt_dir, "run.json") or {}).get("task") == "dpo":
+        return "dpo"
     if read_metadata(ckpt_dir, "prompt_style.json") is not None:
         return "instruct"
     run = read_metadata(ckpt_dir, "run.json") or {}
