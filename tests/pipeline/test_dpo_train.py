@@ -296,3 +296,93 @@ def test_torchrun_two_processes_equal_one_process(env):
             d = w1[name].numel() // 3
             w1[name], w2[name] = w1[name][:d], w2[name][:d]
         torch.testing.assert_close(w2[name], w1[name], atol=1e-5, rtol=0)
+
+
+def test_judge_win_rate_against_the_starting_model(env, tmp_path):
+    """With a judge, both models answer the held-out prompts and every answer is scored; the win rate
+    counts the prompts where the DPO model's answer scored higher, and judgments.jsonl keeps every reply."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from gptforge.pipeline.config import EvaluateConfig, EvaluateDataConfig
+    from gptforge.pipeline.evaluate import evaluate_checkpoint
+    from gptforge.pipeline.judge import JudgeConfig
+
+    def score(response: str) -> int:  # what the fake judge thinks of an answer
+        return (len(response) * 7) % 101
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            prompt = body["messages"][0]["content"]
+            answer = prompt.split("ANSWER<<", 1)[1].rsplit(">>", 1)[0]
+            data = json.dumps({"choices": [{"message": {"content": f"Score: {score(answer)}"}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        torch.manual_seed(3)
+        save_checkpoint(GPT(GPTConfig.from_preset("test-tiny", context_length=96)), tmp_path / "init")
+        run = run_dpo(
+            load_config(
+                "dpo",
+                **{
+                    **overrides(env / "run", **{"model.init": str(tmp_path / "init")}),
+                    "model.context_length": None,
+                    "train.epochs": 1,
+                    "train.lr": 3e-2,
+                },
+            )
+        )
+        judge = JudgeConfig(
+            backend="openai",
+            url=f"http://127.0.0.1:{server.server_address[1]}/v1",
+            template="Rate it. ANSWER<<{model_response}>>",
+            retries=0,
+        )
+        cfg = EvaluateConfig(
+            checkpoint=str(run.checkpoint),
+            out=str(tmp_path / "e"),
+            progress=False,
+            max_new_tokens=6,
+            judge=judge,
+            data=EvaluateDataConfig(limit=8),
+        )
+        m = evaluate_checkpoint(cfg)
+    finally:
+        server.shutdown()
+        server.server_close()
+    j = m["judge"]
+    rows = [json.loads(line) for line in (tmp_path / "e" / "judgments.jsonl").read_text().splitlines()]
+    assert j["split"] == "test" and j["n_pairs"] == len(rows) == 8 and j["n_compared"] == 8
+    wins = sum(score(r["dpo_response"]) > score(r["reference_response"]) for r in rows)
+    losses = sum(score(r["dpo_response"]) < score(r["reference_response"]) for r in rows)
+    assert (j["wins"], j["losses"], j["ties"]) == (wins, losses, 8 - wins - losses)
+    assert j["win_rate"] == pytest.approx(wins / 8)
+    assert any(r["dpo_response"] != r["reference_response"] for r in rows)  # two different models answered
+    assert all(r["dpo_judgment"]["score"] == score(r["dpo_response"]) for r in rows)
+    assert all(r["output"] == r["chosen"] for r in rows)  # the judge's reference answer is the chosen one
+    assert "win rate" in (tmp_path / "e" / "report.md").read_text()
+
+
+def test_loss_plot_has_a_reward_panel_for_dpo(tmp_path):
+    import matplotlib.image
+
+    from gptforge.pipeline.evaluate.report import plot_losses
+
+    records = [
+        {"step": s, "loss": 0.69 - 0.01 * s, "rewards/margins": 0.01 * s, "rewards/accuracy": 0.5 + 0.05 * s}
+        for s in range(1, 6)
+    ] + [{"step": 5, "val_loss": 0.66, "val_rewards/margins": 0.04, "val_rewards/accuracy": 0.6}]
+    plot_losses(records, tmp_path / "dpo.png")
+    plot_losses([{k: v for k, v in r.items() if "rewards" not in k} for r in records], tmp_path / "lm.png")
+    assert matplotlib.image.imread(tmp_path / "dpo.png").shape[:2] == (700, 600)  # two panels
+    assert matplotlib.image.imread(tmp_path / "lm.png").shape[:2] == (400, 600)  # loss only, as before

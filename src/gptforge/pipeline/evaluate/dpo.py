@@ -4,6 +4,11 @@ The implicit reward of a response is beta * (its log-prob under the DPO model - 
 the reference being the training run's `model.init` (run.json). `rewards/accuracy` is the share of pairs
 whose chosen response gets the higher reward; `logp_accuracy` (the model alone: the chosen response's
 summed log-prob is higher) is also reported, since it is defined before DPO too.
+
+With a judge configured, both models answer the held-out prompts of one split (greedy) and the judge
+scores every answer (0-100); the win rate is the share of prompts, among those where both answers were
+scored, on which the DPO model's answer scored higher (ties counted apart). Every judgment is kept in
+judgments.jsonl.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from typing import Any
 import torch
 
 from gptforge.errors import GPTForgeError
-from gptforge.io import atomic_dir, write_json, write_text
+from gptforge.io import atomic_dir, write_json, write_jsonl, write_text
 from gptforge.pipeline.config import EvaluateConfig
 from gptforge.pipeline.evaluate.report import _now
 
@@ -108,9 +113,93 @@ def evaluate_dpo(model, cfg: EvaluateConfig, data: Any, seed: int, out: Path, so
             f"{m['rewards/chosen']:.4f} | {m['rewards/rejected']:.4f} | {m['logp_accuracy']:.2%} |"
         )
 
+    judged = None
+    if cfg.judge is not None:
+        split = "test" if "test" in splits else splits[-1]
+        judged = judge_against_reference(model, reference, [dict(r) for r in dsd[split]], style, cfg)
+        metrics["judge"] = {"split": split, **judged["summary"]}
+        j = metrics["judge"]
+        rate = "n/a" if j["win_rate"] is None else f"{j['win_rate']:.2%}"
+        lines += ["", f"## Judge: DPO model against {ref_name} ({split}, {j['n_pairs']} prompts)", ""]
+        lines += [
+            f"win rate {rate} ({j['wins']} wins, {j['losses']} losses, {j['ties']} ties over "
+            f"{j['n_compared']} prompts where both answers were scored); mean score {j['mean_score']} "
+            f"against {j['reference_mean_score']}; judgments.jsonl has every reply"
+        ]
+
     def write(tmp: Path) -> None:
         write_json(tmp / "metrics.json", metrics)
         write_text(tmp / "report.md", "\n".join(lines) + "\n")
+        if judged is not None:
+            write_jsonl(tmp / "judgments.jsonl", judged["rows"])
 
     atomic_dir(out, write)
+    if judged is not None:
+        from gptforge.pipeline.judge import check_judgments
+
+        for side in ("dpo", "reference"):
+            check_judgments(judged[side], out / "judgments.jsonl")
     return metrics
+
+
+def judge_against_reference(model, reference, records: list[dict], style, cfg: EvaluateConfig) -> dict:
+    """Both models' greedy answers to `records`, each scored by the judge; wins, losses and ties."""
+    from gptforge.model.tokenizer import Tokenizer
+    from gptforge.pipeline.evaluate.inference import generate_responses
+    from gptforge.pipeline.evaluate.instruct import _response_header
+    from gptforge.pipeline.judge import judge_records
+
+    def answers(m) -> list[str]:
+        gens = generate_responses(
+            m,
+            Tokenizer(),
+            records,
+            format_prompt=style.format_prompt,
+            stop_strings=style.stop_strings,
+            max_new_tokens=cfg.max_new_tokens,
+            batch_size=cfg.batch_size,
+            eos_token_id=m.cfg.eos_token_id,
+            response_header=_response_header(style),
+            device=cfg.device,
+            progress=cfg.progress,
+        )
+        return [g["response"] for g in gens]
+
+    ours = answers(model)
+    theirs = ours if reference is model else answers(reference)
+    rows = [  # the judge's reference answer ({output}) is the preferred response of the pair
+        {**r, "output": r.get("output") or r.get("chosen", ""), "dpo_response": a, "reference_response": b}
+        for r, a, b in zip(records, ours, theirs)
+    ]
+    mine, mine_summary = judge_records(rows, cfg.judge, response_key="dpo_response", progress=cfg.progress)
+    other, other_summary = judge_records(
+        rows, cfg.judge, response_key="reference_response", progress=cfg.progress
+    )
+    wins = losses = ties = 0
+    for row, a, b in zip(rows, mine, other):
+        row["dpo_judgment"], row["reference_judgment"] = a, b
+        if a["status"] == "ok" and b["status"] == "ok":
+            outcome = "win" if a["score"] > b["score"] else "loss" if a["score"] < b["score"] else "tie"
+            wins, losses, ties = (
+                wins + (outcome == "win"),
+                losses + (outcome == "loss"),
+                ties + (outcome == "tie"),
+            )
+        else:
+            outcome = "not compared"
+        row["outcome"] = outcome
+    compared = wins + losses + ties
+    summary = {
+        "n_pairs": len(rows),
+        "n_compared": compared,
+        "wins": wins,
+        "losses": losses,
+        "ties": ties,
+        "win_rate": wins / compared if compared else None,
+        "mean_score": mine_summary["mean_score"],
+        "reference_mean_score": other_summary["mean_score"],
+        "n_unparseable": mine_summary["n_unparseable"] + other_summary["n_unparseable"],
+        "n_failed": mine_summary["n_failed"] + other_summary["n_failed"],
+        "config": mine_summary.get("config"),
+    }
+    return {"summary": summary, "rows": rows, "dpo": mine_summary, "reference": other_summary}

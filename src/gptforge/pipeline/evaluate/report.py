@@ -69,11 +69,14 @@ def plot_histogram(
 
 
 def plot_losses(records: list[dict], path: str | os.PathLike) -> None:
-    """A run's loss.png: training and validation loss against optimizer steps, from its metrics.jsonl records."""
+    """A run's loss.png: training and validation loss against optimizer steps, from its metrics.jsonl
+    records; a DPO run (records with `rewards/margins`) gets a second panel with the reward margin and
+    accuracy, training and validation."""
     train = [(r["step"], r["loss"]) for r in records if "loss" in r and isinstance(r["loss"], float)]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r and not r.get("final")]
-    fig = _figure(6, 4)
-    ax = fig.add_subplot()
+    rewards = any("rewards/margins" in r for r in records)
+    fig = _figure(6, 7 if rewards else 4)
+    ax = fig.add_subplot(2, 1, 1) if rewards else fig.add_subplot()
     if train:
         ax.plot(*zip(*train), label="training loss")
     if val:
@@ -81,6 +84,22 @@ def plot_losses(records: list[dict], path: str | os.PathLike) -> None:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.legend()
+    if rewards:
+        rx = fig.add_subplot(2, 1, 2)
+        for key, style, label in (
+            ("rewards/margins", "-", "reward margin"),
+            ("val_rewards/margins", "-.", "validation reward margin"),
+            ("rewards/accuracy", ":", "reward accuracy"),
+            ("val_rewards/accuracy", "--", "validation reward accuracy"),
+        ):
+            pts = [(r["step"], r[key]) for r in records if key in r and not r.get("final")]
+            if pts:
+                rx.plot(
+                    *zip(*pts), linestyle=style, marker="o" if key.startswith("val_") else None, label=label
+                )
+        rx.set_xlabel("optimizer step")
+        rx.set_ylabel("reward (beta x log-ratio) / accuracy")
+        rx.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
