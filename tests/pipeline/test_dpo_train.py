@@ -371,6 +371,9 @@ def test_judge_win_rate_against_the_starting_model(env, tmp_path):
     assert all(r["dpo_judgment"]["score"] == score(r["dpo_response"]) for r in rows)
     assert all(r["output"] == r["chosen"] for r in rows)  # the judge's reference answer is the chosen one
     assert "win rate" in (tmp_path / "e" / "report.md").read_text()
+    from gptforge.pipeline.summary import summarize_evaluation
+
+    assert summarize_evaluation(m)["judge_win_rate"] == j["win_rate"]  # the pipeline summary shows it
 
 
 def test_loss_plot_has_a_reward_panel_for_dpo(tmp_path):

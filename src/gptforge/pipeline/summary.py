@@ -45,6 +45,8 @@ def summarize_evaluation(m: dict) -> dict:
     judge = m.get("judge") or {}
     if isinstance(judge, dict) and judge.get("mean_score") is not None:
         out["judge_mean_score"], out["judge_n_scored"] = judge["mean_score"], judge.get("n_scored")
+    if isinstance(judge, dict) and judge.get("win_rate") is not None:  # DPO: against its starting model
+        out["judge_win_rate"], out["judge_n_compared"] = judge["win_rate"], judge.get("n_compared")
     return out
 
 
