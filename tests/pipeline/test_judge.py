@@ -48,11 +48,19 @@ class FakeJudge:
                     outer.requests.append(
                         {"path": self.path, "body": body, "auth": self.headers.get("Authorization")}
                     )
+                self.counted = True
                 try:
                     self._answer(body)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (timeout test)
                 finally:
+                    self._done()
+
+            def _done(self):
+                # a request stops counting before its reply is sent: once the client has the reply it may
+                # send the next one, which must not find this one still counted
+                if self.counted:
+                    self.counted = False
                     with outer.lock:
                         outer.active -= 1
 
@@ -93,6 +101,7 @@ class FakeJudge:
 
             def _send(self, code, obj):
                 data = json.dumps(obj).encode()
+                self._done()
                 self.send_response(code)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))

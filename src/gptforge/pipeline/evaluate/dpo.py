@@ -144,26 +144,11 @@ def evaluate_dpo(model, cfg: EvaluateConfig, data: Any, seed: int, out: Path, so
 
 def judge_against_reference(model, reference, records: list[dict], style, cfg: EvaluateConfig) -> dict:
     """Both models' greedy answers to `records`, each scored by the judge; wins, losses and ties."""
-    from gptforge.model.tokenizer import Tokenizer
-    from gptforge.pipeline.evaluate.inference import generate_responses
-    from gptforge.pipeline.evaluate.instruct import _response_header
+    from gptforge.pipeline.evaluate.instruct import style_responses
     from gptforge.pipeline.judge import judge_records
 
     def answers(m) -> list[str]:
-        gens = generate_responses(
-            m,
-            Tokenizer(),
-            records,
-            format_prompt=style.format_prompt,
-            stop_strings=style.stop_strings,
-            max_new_tokens=cfg.max_new_tokens,
-            batch_size=cfg.batch_size,
-            eos_token_id=m.cfg.eos_token_id,
-            response_header=_response_header(style),
-            device=cfg.device,
-            progress=cfg.progress,
-        )
-        return [g["response"] for g in gens]
+        return [g["response"] for g in style_responses(m, records, style, cfg)]
 
     ours = answers(model)
     theirs = ours if reference is model else answers(reference)

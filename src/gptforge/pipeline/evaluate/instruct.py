@@ -104,10 +104,28 @@ def _response_header(style) -> str:
     return lines[-1].strip() if lines else ""
 
 
+def style_responses(model, records: list[dict], style, cfg: EvaluateConfig) -> list[dict]:
+    """Greedy responses to `records` in a prompt style, cut at its stop strings (generate_responses)."""
+    from gptforge.model.tokenizer import Tokenizer
+
+    return generate_responses(
+        model,
+        Tokenizer(),
+        records,
+        format_prompt=style.format_prompt,
+        stop_strings=style.stop_strings,
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.batch_size,
+        eos_token_id=model.cfg.eos_token_id,
+        response_header=_response_header(style),
+        device=cfg.device,
+        progress=cfg.progress,
+    )
+
+
 def evaluate_instruct(model, cfg: EvaluateConfig, data: Any, seed: int, out: Path, source: dict) -> dict:
     """Greedy responses to one split's records (the test split by default), scored and written to `out`."""
     from gptforge.model.checkpoint import read_metadata
-    from gptforge.model.tokenizer import Tokenizer
     from gptforge.tasks.instruct import get_prompt_style, load_splits
 
     splits = list(cfg.splits or ["test"])
@@ -123,19 +141,7 @@ def evaluate_instruct(model, cfg: EvaluateConfig, data: Any, seed: int, out: Pat
             f"{data.dataset}: split {split!r} is missing or empty (splits: { {k: len(v) for k, v in dsd.items()} })"
         )
     records = [dict(r) for r in dsd[split]]
-    gens = generate_responses(
-        model,
-        Tokenizer(),
-        records,
-        format_prompt=style.format_prompt,
-        stop_strings=style.stop_strings,
-        max_new_tokens=cfg.max_new_tokens,
-        batch_size=cfg.batch_size,
-        eos_token_id=model.cfg.eos_token_id,
-        response_header=_response_header(style),
-        device=cfg.device,
-        progress=cfg.progress,
-    )
+    gens = style_responses(model, records, style, cfg)
     for rec, g in zip(records, gens):
         rec["model_response"] = g["response"]
     source.update(
