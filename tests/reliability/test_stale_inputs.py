@@ -133,6 +133,22 @@ def test_unchanged_inputs_are_not_reread_and_touch_is_not_a_change(setup, monkey
     assert str(data.absolute()) in hashed or str(data) in hashed
 
 
+def test_a_rerun_for_another_reason_does_not_reread_unchanged_inputs(setup, monkeypatch):
+    """A config change reruns the stage; the data file it reads again is unchanged (same size and mtime),
+    so recording what the new run read reuses the earlier hash instead of reading the file once more."""
+    path, runs, data, _ = setup
+    run(path, runs)
+    hashed: list[str] = []
+    real = io.sha256_file
+    monkeypatch.setattr(io, "sha256_file", lambda p: hashed.append(str(p)) or real(p))
+    io._HASH_CACHE.clear()
+    res = run_pipeline(load_pipeline(path, ["classify.train.lr=2e-3"], runs_dir=runs), log=lambda *_: None)
+    assert actions(res)["classify"] == "ran"
+    assert str(data.absolute()) not in hashed and str(data) not in hashed
+    reads = read_manifest(runs / "custom" / "classify")["reads"]
+    assert reads[str(data.absolute())]["hash"] == io.content_hash(data)  # and the recorded hash is right
+
+
 def test_code_change_reruns(setup, monkeypatch, capsys):
     path, runs, _, _ = setup
     run(path, runs)

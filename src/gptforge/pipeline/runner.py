@@ -245,7 +245,7 @@ def run_pipeline(
             finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         )
         if state.is_main_process:
-            manifest["reads"] = fingerprint_reads({**always_read(), **reads}, sdir)
+            manifest["reads"] = fingerprint_reads({**always_read(), **reads}, sdir, (old or {}).get("reads"))
         if status == "done":
             manifest["output_hash"] = (
                 output_hash(stage in TRAIN_STAGES, outputs) if state.is_main_process else None
