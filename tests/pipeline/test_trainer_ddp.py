@@ -5,13 +5,11 @@ odd validation set), same final weights."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import torchrun_cli
 from safetensors.torch import load_file
 
 from gptforge.pipeline.checkpoints import FINAL
@@ -56,18 +54,7 @@ def test_torchrun_two_processes_equal_one_process(corpus, tmp_path):
     finally:
         torch.set_num_threads(threads)
 
-    ov = overrides(corpus, tmp_path / "two", batch_size=1)
-    args = []
-    for k, v in ov.items():
-        args += [
-            f"--{k}",
-            f"[{v[0]}]" if isinstance(v, list) else str(v).lower() if isinstance(v, bool) else str(v),
-        ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += ["-m", "gptforge.cli", "pretrain", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = torchrun_cli("pretrain", overrides(corpus, tmp_path / "two", batch_size=1))
     assert proc.stdout.count("model: ") == 1  # only rank 0 reports
 
     run = json.loads((tmp_path / "two" / "run.json").read_text())

@@ -66,15 +66,22 @@ def make_accelerator(cfg: TrainConfig):
         # Several runs in one process (the pipeline runner): each gets a fresh Accelerate state.
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
-    acc = Accelerator(
-        cpu=cpu,
-        mixed_precision=None if cfg.mixed_precision == "no" else cfg.mixed_precision,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
-        step_scheduler_with_optimizer=False,
-        log_with=list(cfg.trackers) or None,
-        project_dir=cfg.out_dir,
-        dynamo_backend="inductor" if cfg.compile else None,
-    )
+    # FSDP is the trainer's own (pipeline.fsdp, on every device): Accelerate must not also turn an
+    # `accelerate launch` FSDP config into its FSDP plugin, so it sees a plain multi-process run.
+    use_fsdp = os.environ.pop("ACCELERATE_USE_FSDP", None)
+    try:
+        acc = Accelerator(
+            cpu=cpu,
+            mixed_precision=None if cfg.mixed_precision == "no" else cfg.mixed_precision,
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+            step_scheduler_with_optimizer=False,
+            log_with=list(cfg.trackers) or None,
+            project_dir=cfg.out_dir,
+            dynamo_backend="inductor" if cfg.compile else None,
+        )
+    finally:
+        if use_fsdp is not None:
+            os.environ["ACCELERATE_USE_FSDP"] = use_fsdp
     from accelerate.utils import DistributedType
 
     if acc.distributed_type == DistributedType.DEEPSPEED and cfg.grad_accum > 1:

@@ -154,7 +154,10 @@ def rotate_checkpoints(out_dir: Path, keep_last: int, best_step: int | None) -> 
 
 def resumable_bytes(model, optimizer) -> int:
     """About what a resumable checkpoint takes: model and optimizer tensors (the rest is small)."""
-    unique = {t.data_ptr(): t for t in model.state_dict().values()}  # a tied head is stored once
+    local = [
+        getattr(t, "_local_tensor", t) for t in model.state_dict().values()
+    ]  # FSDP: this process's shard
+    unique = {t.data_ptr(): t for t in local}  # a tied head is stored once
     n = tensor_bytes(unique)
     for st in optimizer.state.values() if optimizer is not None else []:
         n += sum(t.numel() * t.element_size() for t in st.values() if torch.is_tensor(t))

@@ -37,6 +37,7 @@ from gptforge.schema import (
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 SCHEDULES = ("cosine", "linear", "constant")
+DISTRIBUTED = ("auto", "ddp", "fsdp")
 TRAIN_POLICIES = "all | head | last_blocks:N"
 
 
@@ -114,6 +115,9 @@ class TrainConfig:
     """DataLoader worker processes."""
     cpu: bool = False
     """Train on CPU even when a GPU is present."""
+    distributed: str = "auto"
+    """Several processes: ddp (each holds the whole model), fsdp (FSDP2: weights, gradients and optimizer
+    state sharded across processes) or auto (fsdp under `accelerate launch` with an FSDP config, else ddp)."""
     progress: bool = True
     """Show a tqdm progress bar (main process only)."""
     plot: bool = True
@@ -140,6 +144,7 @@ class TrainConfig:
             raise ConfigError(f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         _choice("train.mixed_precision", self.mixed_precision, MIXED_PRECISION)
         _choice("train.schedule", self.schedule, SCHEDULES)
+        _choice("train.distributed", self.distributed, DISTRIBUTED)
 
 
 @dataclass

@@ -11,6 +11,9 @@ Why it is written the way it is:
   optimizer, scheduler and RNG, `trainer_state.json` stores where in the epoch we were, and
   `skip_first_batches` replays the rest of the epoch. The data loaders get their own generator so that
   creating an iterator never consumes the global RNG (which drives dropout).
+- FSDP (`train.distributed fsdp`, or an `accelerate launch` FSDP config) is FSDP2 sharding done by the
+  trainer (`pipeline.fsdp`: Accelerate turns its own FSDP on only for GPUs); model and optimizer are then
+  saved with DCP beside Accelerate's state, and the final weights are gathered into a plain GPT.
 - The trainer decides when to save and what a save holds; the files of a run dir (temp dirs, manifests
   written last and verified on resume, rotation, `final/`) are `pipeline.checkpoints`' job.
 """
@@ -58,6 +61,14 @@ from gptforge.pipeline.checkpoints import (
 )
 from gptforge.pipeline.config import TrainConfig
 from gptforge.pipeline.evaluate.report import plot_losses
+from gptforge.pipeline.fsdp import (
+    SHARDED_DIR,
+    fsdp_requested,
+    gather_full_state_dict,
+    load_sharded,
+    save_sharded,
+    shard_model,
+)
 from gptforge.pipeline.lora_state import register_adapter_checkpointing
 from gptforge.pipeline.optim import lr_lambda, make_optimizer
 from gptforge.pipeline.runinfo import git_commit, package_versions, read_metrics
@@ -89,6 +100,7 @@ class TrainState:
     grad_accum: int = 0
     num_processes: int = 0
     seed: int = 0
+    sharded: bool = False  # FSDP: model and optimizer are DCP shards under fsdp/
 
 
 # -- the trainer ------------------------------------------------------------------------------------
@@ -112,7 +124,14 @@ class Trainer:
         self.cfg = cfg
         self.kind = kind
         self.out_dir = Path(cfg.out_dir)
+        wants_fsdp = fsdp_requested(cfg.distributed)
         self.accelerator = make_accelerator(cfg)
+        # one process has nothing to shard with: it trains the plain model (and says so)
+        self.fsdp = wants_fsdp and self.accelerator.num_processes > 1
+        if wants_fsdp and not self.fsdp:
+            print(
+                "note: FSDP needs several processes (torchrun); one process trains unsharded", file=sys.stderr
+            )
         # a bad --train.resume fails now, before any data is prepared
         self.resume_from = find_resume_checkpoint(cfg.resume, self.out_dir, warn=self.is_main)
         if self.is_main:  # what killed runs left: temp checkpoint and final dirs of dead writers
@@ -187,13 +206,16 @@ class Trainer:
         self.val_sources = source_names_of(val_dataset)  # per-source validation loss, when it has sources
         if self.is_main:
             print(describe_trainable(model), file=sys.stderr)
-        optimizer = make_optimizer(model, cfg)
-        if val_loader is not None:
-            model, optimizer, train_loader, val_loader = acc.prepare(
-                model, optimizer, train_loader, val_loader
-            )
+        if self.fsdp:
+            model, optimizer, train_loader, val_loader = self._prepare_fsdp(model, train_loader, val_loader)
         else:
-            model, optimizer, train_loader = acc.prepare(model, optimizer, train_loader)
+            optimizer = make_optimizer(model, cfg)
+            if val_loader is not None:
+                model, optimizer, train_loader, val_loader = acc.prepare(
+                    model, optimizer, train_loader, val_loader
+                )
+            else:
+                model, optimizer, train_loader = acc.prepare(model, optimizer, train_loader)
 
         n_batches = len(train_loader)
         spe = n_batches // cfg.grad_accum if cfg.drop_last else math.ceil(n_batches / cfg.grad_accum)
@@ -219,6 +241,7 @@ class Trainer:
             grad_accum=cfg.grad_accum,
             num_processes=acc.num_processes,
             seed=cfg.seed,
+            sharded=self.fsdp,
         )
         if self.resume_from is not None:
             state = self._load(self.resume_from)
@@ -324,6 +347,27 @@ class Trainer:
         return RunResult(out, final_metrics)
 
     # -- internals ----------------------------------------------------------------------------------
+    def _prepare_fsdp(self, model: GPT, train_loader, val_loader):
+        """Shard the model (FSDP2), then build the optimizer over the shards; Accelerate prepares the loaders
+        and applies autocast/compile to the model but keeps model and optimizer out of `save_state`."""
+        from gptforge.model.lora import lora_config
+
+        acc = self.accelerator
+        if lora_config(model) is not None:
+            raise ConfigError(
+                "train.distributed=fsdp with LoRA: an adapter is a few MB and needs no sharding; "
+                "use train.distributed ddp"
+            )
+        model = shard_model(model, acc.device, acc.num_processes)
+        optimizer = make_optimizer(model, self.cfg)
+        loaders = [train_loader] + ([val_loader] if val_loader is not None else [])
+        loaders = acc.prepare(*loaders)
+        loaders = list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
+        n_models = len(acc._models)
+        model = acc.prepare_model(model, evaluation_mode=True)  # autocast / compile only: no DDP on DTensors
+        del acc._models[n_models:]  # its DTensors are saved by save_sharded, not by Accelerate's rank-0 save
+        return model, optimizer, loaders[0], (loaders[1] if val_loader is not None else None)
+
     def _loader(self, dataset, collate_fn, shuffle: bool = False, drop_last: bool = False):
         from torch.utils.data import DataLoader
 
@@ -486,6 +530,8 @@ class Trainer:
         tmp = share_from_main(acc, tmp)
         try:
             acc.save_state(str(tmp))
+            if self.fsdp:
+                save_sharded(tmp / SHARDED_DIR, self.model, self.optimizer)
             fault_point("checkpoint_write")
             acc.wait_for_everyone()
             score = state.last_val_loss if state.last_val_step == state.step else None
@@ -526,7 +572,15 @@ class Trainer:
             raise TrainingError(
                 f"{path}: made with train.seed={state.seed}, not {cfg.seed}; use the same seed"
             )
+        if state.sharded != self.fsdp:
+            made, now_ = ("fsdp", "ddp") if state.sharded else ("ddp", "fsdp")
+            raise TrainingError(
+                f"{path}: made with train.distributed={made}, this run is {now_}; resume it with "
+                f"train.distributed {made} (or start a new out_dir)"
+            )
         acc.load_state(str(path))
+        if self.fsdp:
+            load_sharded(path / SHARDED_DIR, self.model, self.optimizer)
         self.state = state
         self._truncate_metrics(state.metrics_lines)
         if self.is_main:
@@ -581,7 +635,7 @@ class Trainer:
             "git_commit": git_commit(),
             "versions": package_versions(),
             "num_processes": acc.num_processes,
-            "distributed_type": str(acc.distributed_type),
+            "distributed_type": "FSDP" if self.fsdp else str(acc.distributed_type),
             "mixed_precision": acc.mixed_precision,
             "device": str(acc.device),
             "steps_per_epoch": self.steps_per_epoch,
@@ -598,17 +652,15 @@ class Trainer:
 
         acc = self.accelerator
         unwrapped = acc.unwrap_model(self.model, keep_fp32_wrapper=False, keep_torch_compile=False)
-        if acc.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        if self.fsdp:
+            sd = gather_full_state_dict(self.model)  # every process takes part; rank 0 gets the tensors
+        elif acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            sd = acc.get_state_dict(self.model)
+        else:
             return unwrapped
-        sd = acc.get_state_dict(self.model)
         if not self.is_main:
             return unwrapped
-        import copy
-
-        cfg = copy.deepcopy(unwrapped.cfg)
-        plain = GPT(cfg)
-        plain.load_state_dict({k: v.cpu() for k, v in sd.items()}, strict=False)
-        return plain
+        return plain_model_from(unwrapped.cfg, sd, source="the gathered model")
 
     def _write_final(self, metrics: dict) -> Path:
         run = self._write_run_json("completed", {"metrics": metrics})
@@ -625,6 +677,21 @@ class Trainer:
             write_final(self.out_dir, model, meta, base=base, plot=self.cfg.plot)
         self.accelerator.wait_for_everyone()
         return out
+
+
+def plain_model_from(cfg, sd: dict[str, torch.Tensor], source: str) -> GPT:
+    """A plain GPT of `cfg` loaded strictly from a gathered full state dict: a missing or unexpected tensor
+    is a CheckpointError naming it, never a silently re-initialised weight in the final checkpoint."""
+    import copy
+
+    from gptforge.model.checkpoint import load_weights_into
+
+    plain = GPT(copy.deepcopy(cfg))
+    sd = {k: v.detach().cpu() for k, v in sd.items()}
+    if plain.cfg.tie_embeddings:  # the tied head is tok_emb.weight; gathered dicts may list it twice
+        sd.pop("lm_head.weight", None)
+    load_weights_into(plain, sd, source=source)
+    return plain
 
 
 def source_names_of(dataset) -> list[str] | None:
