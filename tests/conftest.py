@@ -70,14 +70,30 @@ def overrides_to_argv(ov: dict) -> list[str]:
     return out
 
 
-def torchrun_cli(task: str, ov: dict, *extra: str, nproc: int = 2, timeout: float = 400):
-    """`torchrun --standalone --nproc_per_node N -m gptforge.cli TASK` (gloo on CPU, one thread a process);
-    fails the test with the end of stderr when it exits non-zero."""
+def torchrun_cli(
+    task: str,
+    ov: dict,
+    *extra: str,
+    nproc: int = 2,
+    accelerate_config: Path | None = None,
+    timeout: float = 400,
+):
+    """`torchrun --standalone --nproc_per_node N -m gptforge.cli TASK` (gloo on CPU, one thread a process),
+    or `accelerate launch --config_file CONFIG -m gptforge.cli TASK`; fails the test with the end of
+    stderr when it exits non-zero."""
     import subprocess
     import sys
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    if accelerate_config is not None:
+        cmd = [
+            str(Path(sys.executable).with_name("accelerate")),
+            "launch",
+            "--config_file",
+            str(accelerate_config),
+        ]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
     cmd += ["-m", "gptforge.cli", task, *overrides_to_argv(ov), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -32,12 +32,23 @@ from gptforge.pipeline.runinfo import read_metrics
 from gptforge.pipeline.train import run_pretrain
 from gptforge.pipeline.trainer import plain_model_from
 
-STEPS = 20  # 37 train blocks, global batch 2: 18 steps an epoch, so the run crosses an epoch boundary
+STEPS = 20  # 37 train blocks, global batch 4: 9 steps an epoch, so the run crosses two epoch boundaries
+
+# what `accelerate launch --config_file` reads (the README's example, for 2 CPU processes)
+ACCELERATE_FSDP = """\
+distributed_type: FSDP
+num_processes: 2
+mixed_precision: 'no'
+fsdp_config:
+  fsdp_version: 2
+  fsdp_reshard_after_forward: true
+"""
 
 
 def settings(text: Path, out_dir: Path, batch_size: int) -> dict:
     return {
         **overrides(text, out_dir, batch_size),
+        "train.grad_accum": 2,  # FSDP skips the reduce-scatter of the first micro-batch (no_sync)
         "train.max_steps": STEPS,
         "train.eval_every": 10,
         "train.save_every": 10,
@@ -61,18 +72,15 @@ def runs(corpus, tmp_path_factory) -> dict[str, Path]:  # noqa: F811
     torchrun_cli("pretrain", settings(corpus, root / "fsdp", batch_size=1), "--train.distributed", "fsdp")
 
     # A run killed after its step-10 save: its dir as the kill left it (metrics past step 10, no later
-    # checkpoint, no final/), then resumed by the same command with --train.resume auto.
+    # checkpoint, no final/), resumed with --train.resume auto, launched the other documented way this
+    # time: `accelerate launch` with an FSDP config file (a run that were not FSDP refuses the checkpoint).
     killed = root / "killed"
     shutil.copytree(root / "fsdp", killed, ignore=shutil.ignore_patterns(FINAL, "step-00000020", "run.json"))
     assert [p.name for p in list_checkpoints(killed)] == ["step-00000010"]
-    torchrun_cli(
-        "pretrain",
-        settings(corpus, killed, batch_size=1),
-        "--train.distributed",
-        "fsdp",
-        "--train.resume",
-        "auto",
-    )
+    config = root / "fsdp.yaml"
+    config.write_text(ACCELERATE_FSDP, encoding="utf-8")
+    ov = {**settings(corpus, killed, batch_size=1), "train.resume": "auto"}
+    torchrun_cli("pretrain", ov, accelerate_config=config)
     return {"one": root / "one", "fsdp": root / "fsdp", "killed": killed}
 
 
@@ -101,6 +109,8 @@ def test_sharded_checkpoint_is_sharded_has_a_manifest_and_resumes_exactly(runs):
     assert verify_file_manifest(ckpt, deep=True)
     assert json.loads((ckpt / "trainer_state.json").read_text())["sharded"] is True
 
+    resumed = json.loads((runs["killed"] / "run.json").read_text())
+    assert resumed["distributed_type"] == "FSDP" and resumed["num_processes"] == 2  # the config file's route
     got, want = train_losses(runs["killed"]), train_losses(runs["fsdp"])
     assert got == want  # steps 1-10 kept from before the kill, 11-20 recomputed: bit for bit
     w_want = load_file(runs["fsdp"] / FINAL / "model.safetensors")
