@@ -134,7 +134,7 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """GPT-2. `forward` returns LM logits (B, T, V), or class logits (B, num_labels) for a classifier."""
 
-    # FSDP (through Accelerate's TRANSFORMER_BASED_WRAP) shards one Block at a time.
+    # FSDP (pipeline.fsdp; other sharding tools read this attribute) shards one Block at a time.
     _no_split_modules = ["Block"]
 
     def __init__(self, cfg: GPTConfig) -> None:
