@@ -86,11 +86,19 @@ def torchrun_cli(
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     if accelerate_config is not None:
+        import socket
+
+        with socket.socket() as sock:  # accelerate launch's default port 29500 clashes with concurrent runs
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        accelerate = str(Path(sys.executable).with_name("accelerate"))
         cmd = [
-            str(Path(sys.executable).with_name("accelerate")),
+            accelerate,
             "launch",
             "--config_file",
             str(accelerate_config),
+            "--main_process_port",
+            str(port),
         ]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]

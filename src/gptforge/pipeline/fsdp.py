@@ -72,29 +72,47 @@ def _no_gradient_sync(model: nn.Module):
         model.set_requires_gradient_sync(True)
 
 
+@torch.no_grad()
+def _to_device_from_rank0(module: nn.Module, device: torch.device) -> None:
+    """Move the module's not yet sharded tensors to `device` and give them rank 0's values.
+
+    Parameters keep their identity (`.data` is replaced), so a tied head stays tied.
+    """
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    for p in module.parameters():
+        if not isinstance(p, DTensor):
+            p.data = p.data.to(device)
+            dist.broadcast(p.data, src=0)
+    for m in module.modules():
+        for name, b in m._buffers.items():
+            if b is not None and not isinstance(b, DTensor):
+                m._buffers[name] = b.to(device)
+                dist.broadcast(m._buffers[name], src=0)
+
+
 def shard_model(model: nn.Module, device: torch.device, num_processes: int) -> nn.Module:
     """`fully_shard` each transformer block, then the root (embeddings, final norm, tied head, classifier).
 
-    Every process built the model from the same seed or checkpoint; rank 0's values are broadcast first
-    anyway, as DDP does, so the shards always come from one model. The returned model gets a `no_sync()`
+    One block at a time goes to the device, gets rank 0's values (every process built the model from the
+    same seed or checkpoint; the broadcast makes sure, as DDP's does) and is sharded, so a device never
+    holds more than one whole block beside the root's tensors. The returned model gets a `no_sync()`
     (Accelerate's `no_sync` calls `model.no_sync()` when the model has one) that skips the reduce-scatter
     of non-final micro-batches: their gradients stay unsharded and are reduced with the last one.
     """
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     from gptforge.model.gpt import Block
 
-    model.to(device)
-    with torch.no_grad():
-        for t in list(model.parameters()) + list(model.buffers()):
-            dist.broadcast(t.data, src=0)
     mesh = init_device_mesh(device.type, (num_processes,))
     reshard = reshard_after_forward()
     for module in model.modules():
         if isinstance(module, Block):
+            _to_device_from_rank0(module, device)
             fully_shard(module, mesh=mesh, reshard_after_forward=reshard)
+    _to_device_from_rank0(model, device)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
     model.no_sync = lambda: _no_gradient_sync(model)
     return model
