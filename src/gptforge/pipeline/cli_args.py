@@ -262,12 +262,29 @@ def _help_fields(cls: type, prefix: str, obj: Any) -> list[str]:
     return out
 
 
+# Config keys whose values are secrets: `--print-config` shows them as null with a comment, never the value.
+SECRET_KEYS = ("api_key",)
+
+
 def dump_config(cfg: Any, drop: tuple[str, ...] = ()) -> str:
-    """The resolved config as YAML (what `--print-config` shows and `--config` accepts); `drop` top-level keys."""
+    """The resolved config as YAML (what `--print-config` shows and `--config` accepts); `drop` top-level keys.
+
+    A secret (SECRET_KEYS) that is set prints as null plus a comment: a printed config lands in terminals,
+    logs and bug reports, and fed back as `--config` it must not carry the key (nor a placeholder that
+    would become the key).
+    """
     import yaml
 
     d = {k: v for k, v in to_dict(cfg).items() if k not in drop}
-    return yaml.safe_dump(_yaml_safe(d), sort_keys=False)
+    hidden = [k for k in SECRET_KEYS if d.get(k) is not None]
+    for k in hidden:
+        d[k] = None
+    text = yaml.safe_dump(_yaml_safe(d), sort_keys=False)
+    for k in hidden:
+        text += (
+            f"# {k}: set, not shown; give it again (--{k.replace('_', '-')} or its environment variable)\n"
+        )
+    return text
 
 
 def _yaml_safe(obj):

@@ -269,13 +269,21 @@ def create_app(served: Served, api_key: str | None = None):
             )
         return served.engine
 
-    def submit_all(engine: Engine, jobs: list[tuple[list[int], SamplingParams]], param: str):
-        """Submit every choice; events (choice index, text delta, finished) arrive on the queue."""
+    def submit_all(engine: Engine, jobs: list[tuple[list[int], SamplingParams]], param: str, streaming: bool):
+        """Submit every choice; events (choice index, text delta, finished) arrive on the queue.
+
+        Without streaming only the finished events are sent: a per-token wake-up of the event loop would
+        cost the engine thread and the loop time for text nobody reads until the end.
+        """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
         def callback(i: int):
-            return lambda req, delta, done: loop.call_soon_threadsafe(queue.put_nowait, (i, delta, done))
+            def on_update(req, delta, done):
+                if done or streaming:
+                    loop.call_soon_threadsafe(queue.put_nowait, (i, delta, done))
+
+            return on_update
 
         reqs: list[Request] = []
         try:
@@ -329,15 +337,21 @@ def create_app(served: Served, api_key: str | None = None):
             left = len(reqs)
             try:
                 while left:
-                    i, delta, done = await queue.get()
-                    if delta:
-                        yield sse(chunk(i, delta, None))
-                    if done:
-                        left -= 1
-                        yield sse(chunk(i, None, reqs[i].finish_reason))
-                for extra in final_chunks():
-                    yield sse(extra)
-                yield sse("[DONE]")
+                    # Events that piled up while this stream waited for the event loop leave in one write:
+                    # under load that is one socket send instead of one per token.
+                    events = [await queue.get()]
+                    while not queue.empty():
+                        events.append(queue.get_nowait())
+                    out = []
+                    for i, delta, done in events:
+                        if delta:
+                            out.append(sse(chunk(i, delta, None)))
+                        if done:
+                            left -= 1
+                            out.append(sse(chunk(i, None, reqs[i].finish_reason)))
+                    if not left:
+                        out += [sse(extra) for extra in final_chunks()] + [sse("[DONE]")]
+                    yield b"".join(out)
             finally:  # the client went away (or the stream ended): free the slots
                 for r in reqs:
                     if not r.done.is_set():
@@ -415,7 +429,7 @@ def create_app(served: Served, api_key: str | None = None):
             for i in range(n):
                 jobs.append((ids, choice_params(params, i)))
                 lens.append(len(ids))
-        reqs, queue = submit_all(engine, jobs, "prompt")
+        reqs, queue = submit_all(engine, jobs, "prompt", streaming)
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
         def envelope(choices):
@@ -468,7 +482,9 @@ def create_app(served: Served, api_key: str | None = None):
         n, streaming = n_and_stream(body)
         params = _sampling(body, len(ids), ctx, ctx, stops)
         params.eos_ids = eos
-        reqs, queue = submit_all(engine, [(ids, choice_params(params, i)) for i in range(n)], "messages")
+        reqs, queue = submit_all(
+            engine, [(ids, choice_params(params, i)) for i in range(n)], "messages", streaming
+        )
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
         def envelope(obj, choices):
