@@ -92,7 +92,7 @@ def test_no_host_reads_between_log_steps(tmp_path, count_reads):
     assert 4 in steps and 8 in steps  # the log steps do read (the counter works)
     assert [r["step"] for r in step_records(tmp_path / "r")] == [4, 8, 10]
     run = json.loads((tmp_path / "r" / "run.json").read_text())
-    assert run["mixed_precision"] == "no"  # `auto` on a CPU
+    assert run["mixed_precision"] == "no" and run["compile"] is False  # `auto` on a CPU
 
 
 def test_the_cpu_only_reads_are_guarded_against_cuda():

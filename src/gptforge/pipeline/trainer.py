@@ -319,9 +319,8 @@ class Trainer:
                     self.totals.add(state.step, epoch, values, n_tok)
                     pbar.update(1)
                     fault_point("train_step")
-                    synced = (
-                        False  # whether this step read the device (then a stop request is cheap to share)
-                    )
+                    # whether this step read the device (then a stop request is cheap to share)
+                    synced = False
                     if state.step % cfg.log_every == 0 or state.step == total:
                         means = self._read_totals(state, log=True)
                         synced = True
@@ -674,6 +673,7 @@ class Trainer:
             "num_processes": acc.num_processes,
             "distributed_type": str(acc.distributed_type),
             "mixed_precision": acc.mixed_precision,
+            "compile": self.cfg.compile,  # resolved (`auto` -> what this device got)
             "device": str(acc.device),
             "steps_per_epoch": self.steps_per_epoch,
             "total_steps": self.total_steps,
