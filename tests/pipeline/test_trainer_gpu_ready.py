@@ -18,7 +18,7 @@ from gptforge.pipeline.runinfo import read_metrics
 from gptforge.pipeline.trainer import Trainer
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_trainer import NanAtStep5, fit, make_cfg  # noqa: E402
+from test_trainer import VOCAB, NanAtStep5, fit, lm_rows, make_cfg  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -93,6 +93,36 @@ def test_no_host_reads_between_log_steps(tmp_path, count_reads):
     assert [r["step"] for r in step_records(tmp_path / "r")] == [4, 8, 10]
     run = json.loads((tmp_path / "r" / "run.json").read_text())
     assert run["mixed_precision"] == "no" and run["compile"] is False  # `auto` on a CPU
+
+
+def test_no_host_reads_in_classification_steps(tmp_path, count_reads):
+    """Padded batches with an attention mask, targets counted as examples (a host int)."""
+    from gptforge.model.config import GPTConfig
+    from gptforge.model.gpt import GPT
+
+    reads, current = count_reads
+
+    def collate(rows):
+        width = max(len(r["ids"]) for r in rows)
+        x = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, r in enumerate(rows):
+            x[i, : len(r["ids"])], mask[i, : len(r["ids"])] = torch.tensor(r["ids"]), 1
+        return {"input_ids": x, "attention_mask": mask, "targets": x[:, 0] % 2}
+
+    class Watched(CountingTrainer):
+        def __init__(self, cfg):
+            super().__init__(cfg, kind="classify")
+            current.append(self)
+
+    trainer = Watched(make_cfg(tmp_path / "c", log_every=3, epochs=1, eval_every=0, save_every=0))
+    model = GPT(GPTConfig.from_preset("test-tiny", vocab_size=VOCAB, context_length=32, num_labels=2))
+    res = trainer.fit(model, lm_rows(40, 0), collate, lm_rows(8, 1), run_config={"task": "test"})
+    assert res.metrics["status"] == "completed" and res.metrics["step"] == 5
+    assert [r for r in reads if r[0]] == []
+    assert {s for _, s, _ in reads} <= {0, 3, 5}, [r for r in reads if r[1] not in (0, 3, 5)]
+    tokens = [r["tokens"] for r in step_records(tmp_path / "c")]
+    assert tokens[-1] == sum(len(r["ids"]) for r in lm_rows(40, 0))  # real tokens, padding not counted
 
 
 def test_the_cpu_only_reads_are_guarded_against_cuda():
