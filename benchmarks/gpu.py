@@ -245,7 +245,7 @@ def bench_trainer(s: dict, device: str, peak_flops: float | None, baseline: floa
     row = record(
         "gpu", label, "tokens/s", tps, baseline,
         "transformers GPT2LMHeadModel step (the row above)", higher_is_better=True,
-        samples={"gptforge": steady}, mfu={"gptforge": _r(tps * flops / peak_flops) if peak_flops else None},
+        logged_tokens_per_s=steady, mfu={"gptforge": _r(tps * flops / peak_flops) if peak_flops else None},
         wall_s=round(wall, 1), log_every=s["log_every"], mixed_precision=run["mixed_precision"],
         compiled={"gptforge": cfg.compile}, reference_a100_tokens_per_s=REFERENCE_A100_TOKENS_PER_S,
     )  # fmt: skip

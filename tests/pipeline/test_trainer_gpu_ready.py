@@ -314,3 +314,36 @@ def test_loaders_pin_memory_only_for_cuda(tmp_path, monkeypatch):
     assert trainer._loader(rows, list).pin_memory is False
     monkeypatch.setattr(type(trainer.accelerator), "device", property(lambda self: torch.device("cuda")))
     assert trainer._loader(rows, list).pin_memory is True
+
+
+# -- on a real GPU (skipped without one) ---------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_cuda_steps_never_synchronise(tmp_path):
+    """CUDA's own check: any device-to-host wait inside a training step or its bookkeeping raises."""
+
+    class SyncChecked(Trainer):
+        def _train_step(self, window, state):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return super()._train_step(window, state)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
+    cfg = make_cfg(tmp_path / "g", log_every=5, compile=False, mixed_precision="bf16")
+    res = fit(cfg, trainer_cls=SyncChecked)
+    assert res.metrics["status"] == "completed"
+    assert json.loads((tmp_path / "g" / "run.json").read_text())["device"].startswith("cuda")
+    assert [r["step"] for r in step_records(tmp_path / "g")] == [5, 10]
+
+
+@pytest.mark.gpu
+def test_auto_on_this_gpu(tmp_path):
+    from gptforge.machine import cuda_has_native_bf16
+
+    trainer = Trainer(make_cfg(tmp_path / "a"))
+    native = cuda_has_native_bf16()
+    assert (trainer.cfg.mixed_precision, trainer.cfg.compile) == (("bf16", True) if native else ("no", False))
+    assert trainer.accelerator.mixed_precision == ("bf16" if native else "no")
+    assert trainer._loader([{"ids": [1, 2]}] * 2, list).pin_memory is True
