@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-all bench lint format clean
+.PHONY: setup demo test test-all bench bench-gpu lint format clean
 
 setup:
 	@bash scripts/setup_env.sh
@@ -20,6 +20,9 @@ test-all: setup
 
 bench: setup
 	$(PY) benchmarks/run.py
+
+bench-gpu: setup  # one CUDA GPU, under 8 minutes; exits 2 without one
+	$(PY) benchmarks/gpu.py
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks

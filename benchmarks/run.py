@@ -28,6 +28,7 @@ from common import log, machine_info  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = ("train", "generate", "data", "convert", "memory", "serve")
+SECTIONS = (*BENCHMARKS, "gpu")  # "gpu": rows that benchmarks/gpu.py merges into the same files
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -282,6 +283,11 @@ def markdown(doc: dict) -> str:
                 "- measured matmul peak: "
                 + ", ".join(f"{v['dtype']} {v['gflops']:.1f} GFLOP/s (n={v['n']})" for v in pk.values())
             )
+        if meta.get("gpu_peak"):
+            lines.append(f"- MFU on the GPU is against its dense bf16 peak: {meta['gpu_peak']['source']}")
+        for key in ("skipped", "failed"):
+            if meta.get(key):
+                lines.append(f"- {key}: {meta[key]}")
         lines.append(f"- wall time of this run: {meta.get('seconds', '-')} s")
         lines.append("")
     titles = {
@@ -291,8 +297,9 @@ def markdown(doc: dict) -> str:
         "convert": "Conversion",
         "memory": "Training step peak memory",
         "serve": "Serving: `gptforge serve` vs `transformers serve --continuous-batching` (streamed /v1/completions, greedy)",
+        "gpu": "GPU: gpt2 124M training and generation (benchmarks/gpu.py)",
     }
-    for bench in BENCHMARKS:
+    for bench in SECTIONS:
         rows = [r for r in doc["results"] if r["benchmark"] == bench]
         if not rows:
             continue
@@ -372,6 +379,28 @@ def _details(r: dict) -> list[str]:
                 f"and minor page faults {pf.get('gptforge'):,} / {pf.get('transformers'):,} (gptforge / "
                 f"transformers; allocator: {'freed memory kept' if r.get('allocator') == 'kept' else 'glibc default'})"
             )
+    elif r["benchmark"] == "gpu":
+        parts = []
+        mfu = r.get("mfu")
+        if mfu:
+            parts.append(
+                f"MFU {_pct(mfu.get('gptforge'))} / {_pct(mfu.get('transformers'))} (gptforge / transformers)"
+            )
+        if "first_loss" in r:
+            parts.append(
+                f"torch.compile {r['compiled']}; flash attention only: {r['flash_only']}; "
+                f"warm-up (compile) {r['warmup_s']} s; first-step losses equal: {r['first_loss_equal']} "
+                f"({r['first_loss']['gptforge']:.4f} vs {r['first_loss']['transformers']:.4f})"
+            )
+        if "wall_s" in r:
+            parts.append(
+                f"median of the logged windows after the first (log_every={r['log_every']}), wall {r['wall_s']} s"
+            )
+        if "same_tokens" in r:
+            parts.append(f"identical token ids: {r['same_tokens']}")
+        out.append(f"- {r['case']}: " + "; ".join(parts))
+        if r.get("compile_error"):
+            out.append(f"- {r['case']}: compile fell back to eager: {r['compile_error']}")
     elif r["benchmark"] == "generate":
         out.append(f"- {r['case']}: identical token ids: {r['same_tokens']}")
         floor = r.get("matmul_floor_tokens_per_s")

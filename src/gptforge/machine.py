@@ -1,4 +1,4 @@
-"""What this machine can do and how its memory is handed out: CPU bf16 units and glibc's allocator.
+"""What this machine can do and how its memory is handed out: bf16 units (CPU, GPU) and glibc's allocator.
 
 These are facts about the process and the hardware, not about the model, so they sit at the bottom of
 the package beside `io` and `errors`: the trainer and the benchmarks both use them.
@@ -56,6 +56,31 @@ def cpu_has_native_bf16() -> bool | None:
     if flags is None or not _is_x86():
         return None
     return bool(flags & _BF16_FLAGS)
+
+
+def cuda_has_native_bf16() -> bool:
+    """True where this process's CUDA GPU has bf16 tensor cores (compute capability 8.0+: A100, H100, RTX 30xx
+    and later). Older GPUs emulate bf16, which is slower than fp32. Asks the device this rank will use
+    (LOCAL_RANK under torchrun), so no process opens a context on another rank's GPU."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        index = int(os.environ.get("LOCAL_RANK", "0")) % max(torch.cuda.device_count(), 1)
+        return tuple(torch.cuda.get_device_capability(index)) >= (8, 0)
+    except (RuntimeError, AssertionError, ValueError):
+        return False
+
+
+def auto_precision(cpu: bool = False) -> tuple[str, bool]:
+    """(mixed_precision, compile) that `train.mixed_precision: auto` and `train.compile: auto` resolve to.
+
+    bf16 autocast and torch.compile on a GPU with native bf16; fp32 and eager elsewhere: a CPU run stays
+    fp32 even with bf16 units, so its numbers do not depend on which CPU ran it (bf16 ran ~150x slower
+    than fp32 on an AVX2-only CPU), and a cold inductor compile costs minutes on a small CPU.
+    """
+    if not cpu and cuda_has_native_bf16():
+        return "bf16", True
+    return "no", False
 
 
 # glibc mallopt parameters (malloc.h).

@@ -303,9 +303,11 @@ def lm_loss(
             ignore_index=IGNORE_INDEX,
             reduction=reduction,
         )
-    # Positions without a target (padding, masked prompts, sampled-out targets) skip the vocab head.
+    # Positions without a target (padding, masked prompts, sampled-out targets) skip the vocab head. Not
+    # on CUDA: the check and the masked select would make the host wait for the GPU every step, and the
+    # fused loss ignores those targets by itself.
     keep = targets.reshape(-1) != IGNORE_INDEX
-    if not bool(keep.all()):
+    if h.device.type != "cuda" and not bool(keep.all()):
         h_kept, t_kept = h.reshape(-1, h.shape[-1])[keep], targets.reshape(-1)[keep]
         if reduction != "none":
             return fused_linear_cross_entropy(h_kept, weight, t_kept, reduction=reduction)

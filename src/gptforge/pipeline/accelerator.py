@@ -32,6 +32,7 @@ def make_accelerator(cfg: TrainConfig):
     from accelerate.tracking import get_available_trackers
     from accelerate.utils import DataLoaderConfiguration, LoggerType
 
+    cfg.resolve()  # `auto` precision and compile become what this machine gets
     cpu = cfg.cpu or not torch.cuda.is_available()
     if cfg.mixed_precision == "fp16" and cpu:
         raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU (loss scaling); on CPU use bf16 or no")
@@ -73,11 +74,15 @@ def make_accelerator(cfg: TrainConfig):
         acc = Accelerator(
             cpu=cpu,
             mixed_precision=None if cfg.mixed_precision == "no" else cfg.mixed_precision,
-            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+            # CUDA: batches come from pinned memory (the trainer's loaders pin there) and are copied
+            # without making the host wait; on CPU there is no copy at all
+            dataloader_config=DataLoaderConfiguration(
+                use_seedable_sampler=True, data_seed=cfg.seed, non_blocking=not cpu
+            ),
             step_scheduler_with_optimizer=False,
             log_with=list(cfg.trackers) or None,
             project_dir=cfg.out_dir,
-            dynamo_backend="inductor" if cfg.compile else None,
+            dynamo_backend="inductor" if cfg.compile is True else None,
         )
     finally:
         if use_fsdp is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,8 @@ def parse_argv(verb: str, argv: list[str]) -> tuple[Any, bool]:
             value = True
             if nxt in ("true", "false"):
                 value, i = nxt == "true", i + 1
+            elif nxt == "auto" and str in typing.get_args(tp):  # `--train.compile auto`
+                value, i = "auto", i + 1
         elif _dataclass_optional(tp):  # `--judge`: on, with defaults (sub-keys still apply)
             value = {}
             if key in _flat(data):
@@ -312,7 +315,8 @@ def _flat(data: dict) -> set[str]:
 def _is_bool(tp: Any) -> bool:
     import typing
 
-    return tp is bool or (tp is not None and set(typing.get_args(tp)) == {bool, type(None)})
+    # `bool | str` is a switch with a word besides true/false (`train.compile`: true, false or auto)
+    return tp is bool or (tp is not None and set(typing.get_args(tp)) in ({bool, type(None)}, {bool, str}))
 
 
 def _is_list(tp: Any) -> bool:

@@ -35,7 +35,7 @@ from gptforge.schema import (
     type_at,
 )
 
-MIXED_PRECISION = ("no", "bf16", "fp16")
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 SCHEDULES = ("cosine", "linear", "constant")
 DISTRIBUTED = ("auto", "ddp", "fsdp")
 TRAIN_POLICIES = "all | head | last_blocks:N"
@@ -91,10 +91,12 @@ class TrainConfig:
     """Cosine decays to lr * min_lr_ratio."""
     grad_clip: float | None = 1.0
     """Clip the global gradient norm to this value (null: no clipping)."""
-    mixed_precision: str = "no"
-    """no, bf16 (autocast; also on CPU) or fp16 (CUDA only, with a loss scaler)."""
-    compile: bool = False
-    """torch.compile the model (Accelerate's dynamo backend, inductor)."""
+    mixed_precision: str = "auto"
+    """auto, no, bf16 (autocast; also on CPU) or fp16 (CUDA only, with a loss scaler). auto: bf16 on a GPU
+    with native bf16 (compute capability 8.0+), else no; run.json and the stage key record the result."""
+    compile: bool | str = "auto"
+    """true, false or auto: torch.compile the model (Accelerate's dynamo backend, inductor). auto: on a GPU
+    with native bf16, off on CPU (a cold compile costs minutes there); recorded resolved like mixed_precision."""
     seed: int = 123
     """One seed for weights init, data order, dropout and splits."""
     eval_every: int = 0
@@ -108,7 +110,8 @@ class TrainConfig:
     resume: str | None = None
     """`auto` (latest checkpoint in out_dir, if any) or a checkpoint dir."""
     log_every: int = 1
-    """Write a metrics.jsonl line every N optimizer steps."""
+    """Write a metrics.jsonl line every N optimizer steps: loss, grad_norm and step stats are the means over
+    those N steps, kept on the device in between (on a GPU, 10 or more lets steps run without waiting)."""
     trackers: list[str] = field(default_factory=list)
     """Accelerate trackers to log to (tensorboard, wandb, mlflow, ...), when installed."""
     num_workers: int = 0
@@ -143,8 +146,23 @@ class TrainConfig:
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         _choice("train.mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        if isinstance(self.compile, str) and self.compile != "auto":
+            raise ConfigError(f"train.compile={self.compile!r} is not valid; use true, false or auto")
         _choice("train.schedule", self.schedule, SCHEDULES)
         _choice("train.distributed", self.distributed, DISTRIBUTED)
+
+    def resolve(self) -> None:
+        """Replace `auto` in mixed_precision and compile by what this machine gets, so that run.json and
+        the pipeline's stage key say what actually ran (a GPU run and a CPU run are different runs)."""
+        if self.mixed_precision != "auto" and self.compile != "auto":
+            return
+        from gptforge.machine import auto_precision
+
+        precision, compile_ = auto_precision(cpu=self.cpu)
+        if self.mixed_precision == "auto":
+            self.mixed_precision = precision
+        if self.compile == "auto":
+            self.compile = compile_
 
 
 @dataclass
@@ -674,6 +692,7 @@ def validate(cfg: Any) -> Any:
     if not isinstance(cfg, tuple(TASK_CONFIGS.values())):
         return cfg
     cfg.train.validate()
+    cfg.train.resolve()
     m = cfg.model
     check_not_run_dir("model.init", m.init)
     for name in ("context_length", "emb_dim", "n_layers", "n_heads"):

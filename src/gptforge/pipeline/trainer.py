@@ -14,6 +14,10 @@ Why it is written the way it is:
 - FSDP (`train.distributed fsdp`, or an `accelerate launch` FSDP config) is FSDP2 sharding done by the
   trainer (`pipeline.fsdp`: Accelerate turns its own FSDP on only for GPUs); model and optimizer are then
   saved with DCP beside Accelerate's state, and the final weights are gathered into a plain GPT.
+- No host synchronisation per step: losses, target counts, grad norms and token counts stay on the device
+  (`StepTotals`) and are read once where a log line is written, an evaluation or a save runs, or the run
+  ends; a non-finite loss is still reported at the step it happened. On CUDA batches come from pinned
+  memory with non-blocking copies.
 - The trainer decides when to save and what a save holds; the files of a run dir (temp dirs, manifests
   written last and verified on resume, rotation, `final/`) are `pipeline.checkpoints`' job.
 """
@@ -101,6 +105,57 @@ class TrainState:
     num_processes: int = 0
     seed: int = 0
     sharded: bool = False  # FSDP: model and optimizer are DCP shards under fsdp/
+    # sums over the steps since the last log line ("steps": how many), so a resumed run's next line
+    # averages exactly the steps the uninterrupted run's would
+    log_window: dict[str, float] = field(default_factory=dict)
+
+
+class StepTotals:
+    """What the steps since the last log line add up to, kept on the device so that a step never waits.
+
+    `read` is the one host sync; the trainer calls it only where it writes a log line, evaluates, saves or
+    ends. The first non-finite loss is remembered with its step and epoch, so a divergence is reported at
+    the step it happened even though it is noticed at the next read.
+    """
+
+    def __init__(self, device: torch.device, window: dict[str, float] | None = None) -> None:
+        self.device = device
+        window = dict(window or {})
+        self.steps = int(window.pop("steps", 0))
+        self.sums: dict[str, torch.Tensor] = {k: self._zero() + v for k, v in window.items()}
+        self.tokens = self._zero()
+        self.bad_step, self.bad_epoch, self.bad_value = self._zero(), self._zero(), self._zero()
+
+    def _zero(self) -> torch.Tensor:
+        return torch.zeros((), dtype=torch.float64, device=self.device)  # a fill: no copy from the host
+
+    def add(
+        self, step: int, epoch: int, values: dict[str, torch.Tensor | float], tokens: torch.Tensor
+    ) -> None:
+        """One optimizer step's values (`loss` among them), as device tensors or host numbers."""
+        self.steps += 1
+        self.tokens = self.tokens + tokens
+        for k, v in values.items():
+            self.sums[k] = (self.sums[k] if k in self.sums else self._zero()) + v
+        first = ~torch.isfinite(values["loss"]) & (self.bad_step == 0)
+        self.bad_step = torch.where(first, float(step), self.bad_step)
+        self.bad_epoch = torch.where(first, float(epoch), self.bad_epoch)
+        self.bad_value = torch.where(first, values["loss"], self.bad_value)
+
+    def read(self, reset: bool) -> tuple[dict[str, float], int, tuple[int, int, float] | None]:
+        """(sums since the last reset with "steps", tokens since the last read, (step, epoch, loss) of
+        the first non-finite loss or None); one host sync. `reset` starts a new log window."""
+        keys = sorted(self.sums)
+        flat = torch.stack(
+            [self.tokens, self.bad_step, self.bad_epoch, self.bad_value] + [self.sums[k] for k in keys]
+        )
+        tokens, bad_step, bad_epoch, bad_value, *sums = flat.tolist()
+        window = {"steps": float(self.steps), **dict(zip(keys, sums))}
+        self.tokens = self._zero()
+        if reset:
+            self.steps, self.sums = 0, {}
+        bad = (int(bad_step), int(bad_epoch), bad_value) if bad_step else None
+        return window, int(round(tokens)), bad
 
 
 # -- the trainer ------------------------------------------------------------------------------------
@@ -140,7 +195,6 @@ class Trainer:
         set_seed(cfg.seed)
         self._signal: int | None = None
         self.step_stats: dict[str, torch.Tensor] = {}  # per-example sums `compute_loss` adds (dpo: rewards)
-        self._step_means: dict[str, float] = {}
 
     # -- hooks a task (or a test) may override --------------------------------------------------------
     def compute_loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
@@ -248,6 +302,7 @@ class Trainer:
         else:
             self._truncate_metrics(0)
         self.state = state
+        self.totals = StepTotals(acc.device, state.log_window)
         if acc.trackers == [] and cfg.trackers:
             acc.init_trackers(self.out_dir.name, config=tracker_config(self.run_config))
 
@@ -281,46 +336,58 @@ class Trainer:
                     window = self._next_window(it)
                     if not window:
                         break
-                    loss, n_tok, grad_norm, lr = self._train_step(window, state)
+                    values, n_tok, lr = self._train_step(window, state)
                     state.batches_in_epoch += len(window)
                     state.step += 1
-                    state.tokens_seen += n_tok
+                    self.totals.add(state.step, epoch, values, n_tok)
                     pbar.update(1)
                     fault_point("train_step")
+                    # whether this step read the device (then a stop request is cheap to share)
+                    synced = False
                     if state.step % cfg.log_every == 0 or state.step == total:
+                        means = self._read_totals(state, log=True)
+                        synced = True
                         now = time.perf_counter()
                         tps = (state.tokens_seen - tok_last) / max(now - t_last, 1e-9)
                         t_last, tok_last = now, state.tokens_seen
+                        loss = means.pop("loss")
+                        grad_norm = means.pop("grad_norm", None)
                         rec = {"step": state.step, "epoch": epoch, "loss": loss, "lr": lr}
-                        rec.update(self._step_means)
+                        rec.update({k.removeprefix("stats."): v for k, v in sorted(means.items())})
                         rec.update({"tokens": state.tokens_seen, "tokens_per_s": round(tps, 1)})
                         if grad_norm is not None:
                             rec["grad_norm"] = grad_norm
                         self._log(rec)
                         pbar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
                     if cfg.eval_every and state.step % cfg.eval_every == 0 and val_loader is not None:
+                        self._read_totals(state)
+                        synced = True
                         self._eval_and_log(state, epoch)
                     if cfg.save_every and state.step % cfg.save_every == 0:
+                        self._read_totals(state)
+                        synced = True
                         self._save(state)
                         saved_at = state.step
-                    if self._signal is not None:
-                        acc.set_trigger()
-                    if acc.check_trigger():
+                    if self._stop_requested(synced):
                         stop = True
                         break
                 end_iteration(loader)
                 if stop:
                     if saved_at != state.step:
+                        self._read_totals(state)
                         self._save(state)
                     status = "interrupted"
                     break
                 if self._steps_in_epoch(state) >= spe:
                     state.epoch, state.batches_in_epoch = epoch + 1, 0
                     if cfg.eval_every == 0 and val_loader is not None:
+                        self._read_totals(state)
                         self._eval_and_log(state, epoch)
                     if cfg.save_every == 0:
+                        self._read_totals(state)
                         self._save(state)
                         saved_at = state.step
+            self._read_totals(state)  # the run's last steps: tokens counted, a late non-finite loss caught
         finally:
             pbar.close()
             self._restore_signal_handlers(old_handlers)
@@ -378,6 +445,7 @@ class Trainer:
             drop_last=drop_last,
             collate_fn=collate_fn,
             num_workers=self.cfg.num_workers,
+            pin_memory=self.accelerator.device.type == "cuda",  # so the copy to the GPU need not wait
             # own generator: iterator creation must not consume the global RNG (dropout)
             generator=torch.Generator().manual_seed(self.cfg.seed),
         )
@@ -395,19 +463,23 @@ class Trainer:
                 break
         return window
 
-    def _train_step(self, window: list[dict], state: TrainState) -> tuple[float, int, float | None, float]:
-        """One optimizer step over a window of micro-batches; returns loss, tokens, grad norm, lr used."""
+    def _train_step(
+        self, window: list[dict], state: TrainState
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, float]:
+        """One optimizer step over a window of micro-batches: (values to log, input tokens, lr used).
+
+        The values (`loss`, `grad_norm`, `stats.<name>`: per-example stat means) and the token count stay
+        device tensors: nothing here makes the host wait for the device (fp16's loss scaler aside).
+        """
         acc, model, cfg = self.accelerator, self.model, self.cfg
-        counts = torch.stack(
-            [torch.as_tensor(self.count_targets(b), device=acc.device).float() for b in window]
-        ).sum()
-        tokens = sum(
-            int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
-            for b in window
-        )
-        totals = acc.reduce(torch.stack([counts, torch.tensor(float(tokens), device=acc.device)]), "sum")
-        n_targets = float(totals[0])
-        scale = acc.num_processes / max(n_targets, 1.0)
+        counts = torch.zeros((), device=acc.device)
+        tokens = torch.zeros((), device=acc.device)
+        for b in window:  # device tensors or host ints; adding either launches work, never waits
+            counts = counts + self.count_targets(b)
+            tokens = tokens + (b["attention_mask"].sum() if "attention_mask" in b else b["input_ids"].numel())
+        totals = acc.reduce(torch.stack([counts, tokens]), "sum")
+        n_targets = totals[0].clamp(min=1.0)
+        scale = n_targets.new_full((), float(acc.num_processes)) / n_targets
         loss_sum = torch.zeros((), device=acc.device)
         self.step_stats = {}
         for i, batch in enumerate(window):
@@ -416,36 +488,54 @@ class Trainer:
                 loss = self.compute_loss(model, batch)
                 acc.backward(loss * scale)
             loss_sum += loss.detach().float()
-        loss_global = float(acc.reduce(loss_sum, "sum")) / max(n_targets, 1.0)
+        n64 = n_targets.double()  # the logged values are float64 quotients, as Python's floats were
+        values: dict[str, torch.Tensor] = {"loss": acc.reduce(loss_sum, "sum").double() / n64}
         if self.step_stats:  # their means over the window's examples on all processes, logged with the loss
             keys = sorted(self.step_stats)
             sums = acc.reduce(torch.stack([self.step_stats[k].float() for k in keys]), "sum")
-            self._step_means = {k: float(v) / max(n_targets, 1.0) for k, v in zip(keys, sums)}
-        if not math.isfinite(loss_global):
-            self._diverged(state, loss_global)
-        grad_norm = None
+            values.update({f"stats.{k}": v.double() / n64 for k, v in zip(keys, sums)})
         if cfg.grad_clip is not None:
-            grad_norm = float(acc.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+            grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if grad_norm is not None:  # DeepSpeed without its engine reports none
+                values["grad_norm"] = grad_norm
         lr = float(self.optimizer.param_groups[0]["lr"])
         self.optimizer.step()
         if not acc.optimizer_step_was_skipped:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_global, int(totals[1]), grad_norm, lr
+        return values, totals[1], lr
 
-    def _diverged(self, state: TrainState, value: float) -> None:
-        self._log(
-            {"step": state.step + 1, "epoch": state.epoch, "event": "nonfinite_loss", "loss": str(value)}
-        )
+    def _read_totals(self, state: TrainState, log: bool = False) -> dict[str, float]:
+        """Read the device totals (one host sync): tokens into `state`, stop on a non-finite loss, and with
+        `log` the means of the steps since the last log line (a new window starts)."""
+        window, tokens, bad = self.totals.read(reset=log)
+        state.tokens_seen += tokens
+        if bad is not None:
+            self._diverged(*bad)
+        steps = window.pop("steps")
+        state.log_window = {} if log else {"steps": steps, **window}
+        return {k: v / steps for k, v in window.items()} if log else {}
+
+    def _stop_requested(self, synced: bool) -> bool:
+        """Whether a SIGTERM/SIGINT asks to stop after this step. One process: the handler's flag, no device
+        read. Several: Accelerate's all-reduced trigger, read only at steps that synchronised anyway (log,
+        evaluation, save), which are the same steps on every process, so all stop together."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return self._signal is not None
+        if self._signal is not None:
+            acc.set_trigger()
+        return synced and acc.check_trigger()
+
+    def _diverged(self, step: int, epoch: int, value: float) -> None:
+        self._log({"step": step, "epoch": epoch, "event": "nonfinite_loss", "loss": str(value)})
         found = list_checkpoints(self.out_dir)
         last = found[-1] if found else None
-        self._write_run_json(
-            "diverged", {"step": state.step + 1, "last_checkpoint": str(last) if last else None}
-        )
+        self._write_run_json("diverged", {"step": step, "last_checkpoint": str(last) if last else None})
         self.accelerator.end_training()
         where = f"last good checkpoint {last}" if last else "no checkpoint was saved yet"
         raise TrainingError(
-            f"loss became {value} at step {state.step + 1} (epoch {state.epoch}); stopped without saving; "
+            f"loss became {value} at step {step} (epoch {epoch}); stopped without saving; "
             f"{where}; lower train.lr, set train.grad_clip or use train.mixed_precision=no, then resume"
         )
 
@@ -637,6 +727,7 @@ class Trainer:
             "num_processes": acc.num_processes,
             "distributed_type": "FSDP" if self.fsdp else str(acc.distributed_type),
             "mixed_precision": acc.mixed_precision,
+            "compile": self.cfg.compile,  # resolved (`auto` -> what this device got)
             "device": str(acc.device),
             "steps_per_epoch": self.steps_per_epoch,
             "total_steps": self.total_steps,
