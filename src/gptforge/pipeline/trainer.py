@@ -38,6 +38,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from gptforge.errors import ConfigError, TrainingError
 from gptforge.io import fault_point, storage_error, write_json, write_text
@@ -497,6 +498,8 @@ class Trainer:
         if cfg.grad_clip is not None:
             grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             if grad_norm is not None:  # DeepSpeed without its engine reports none
+                if isinstance(grad_norm, DTensor):  # FSDP2: the norm over every shard, already reduced
+                    grad_norm = grad_norm.full_tensor()
                 values["grad_norm"] = grad_norm
         lr = float(self.optimizer.param_groups[0]["lr"])
         self.optimizer.step()
