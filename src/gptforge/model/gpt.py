@@ -43,29 +43,95 @@ class Linear(nn.Linear):
 
 
 class KVCache:
-    """Preallocated keys and values for every layer: (batch, heads, max_len, head_dim) each."""
+    """Preallocated keys and values, written in place: (n_layers, rows, max_len, heads, head_dim) each.
+
+    Every row keeps its own length, so one cache can hold sequences of different lengths (a serving
+    engine's slots, prompts of different lengths). A forward pass works on the rows selected with `use`
+    (all by default) and appends its tokens to each at that row's own length. Rows of different lengths
+    take one token each (a decoding step) and attend to their own prefix through a key mask, reading the
+    cache in place: nothing is gathered, grown or allocated per layer. A token's keys of all heads are
+    one contiguous block (so a row's write is one copy); attention reads them through strides.
+    """
 
     def __init__(
         self, cfg: GPTConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32
     ) -> None:
-        shape = (cfg.n_layers, batch_size, cfg.n_heads, max_len, cfg.head_dim)
+        shape = (cfg.n_layers, batch_size, max_len, cfg.n_heads, cfg.head_dim)
+        # zeros, not empty: a masked key still has its value multiplied by weight 0, and 0 * NaN is NaN
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
-        self.pos = 0  # number of positions filled
+        self.lengths = [0] * batch_size  # positions filled, per row
+        self._rows = (0, batch_size)  # rows [start, stop) of the next forward pass
+        self._past = 0  # aligned pass: the selected rows' common length
+        self._flat: torch.Tensor | None = None  # ragged pass: flat (row, position) index of each new token
+        self._width = 0  # ragged pass: keys read per row (longest row + 1)
+        self.key_mask: torch.Tensor | None = None  # ragged pass: additive (B, 1, 1, width) mask
+
+    def use(self, start: int = 0, stop: int | None = None) -> KVCache:
+        """Select rows [start, stop) as the batch of the next forward pass (all rows by default)."""
+        self._rows = (start, self.k.shape[1] if stop is None else stop)
+        return self
+
+    @property
+    def pos(self) -> int:
+        """Length of the longest selected row."""
+        start, stop = self._rows
+        return max(self.lengths[start:stop])
+
+    def begin(self, batch: int, new: int) -> torch.Tensor | None:
+        """Plan a forward pass of `new` tokens per selected row; called by `GPT.hidden_states`.
+
+        Returns None when the rows have one common length (positions and mask are the usual ones), else
+        each row's position (B, 1) for its one new token, with `key_mask` hiding keys past each row.
+        """
+        start, stop = self._rows
+        if stop - start != batch:
+            raise ValueError(f"KV cache: a batch of {batch} rows, but rows [{start}, {stop}) are selected")
+        lens = self.lengths[start:stop]
+        longest = max(lens)
+        if longest + new > self.max_len:
+            raise ValueError(f"KV cache overflow: {longest + new} > {self.max_len}")
+        if min(lens) == longest:
+            self._past, self._flat, self.key_mask = longest, None, None
+            return None
+        if new != 1:
+            raise ValueError("KV cache: rows of different lengths take one new token each")
+        dev = self.k.device
+        at = torch.tensor(lens, device=dev)
+        self._flat = torch.arange(start, stop, device=dev) * self.max_len + at
+        self._width = longest + 1
+        hidden = torch.arange(self._width, device=dev)[None, :] > at[:, None]
+        mask = torch.zeros(batch, 1, 1, self._width, device=dev, dtype=self.k.dtype)
+        self.key_mask = mask.masked_fill_(hidden[:, None, None, :], float("-inf"))
+        return at[:, None]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = self.pos + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache overflow: {end} > {self.max_len}")
-        self.k[layer, :, :, self.pos : end] = k
-        self.v[layer, :, :, self.pos : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        """Store `k`, `v` (B, T, heads, head_dim) of layer `layer`; every key so far, (B, S, heads, head_dim)."""
+        start, stop = self._rows
+        keys, values = self.k[layer], self.v[layer]
+        if self._flat is None:
+            end = self._past + k.shape[1]
+            keys[start:stop, self._past : end] = k
+            values[start:stop, self._past : end] = v
+            return keys[start:stop, :end], values[start:stop, :end]
+        keys.view(-1, *keys.shape[2:]).index_copy_(0, self._flat, k[:, 0])
+        values.view(-1, *values.shape[2:]).index_copy_(0, self._flat, v[:, 0])
+        return keys[start:stop, : self._width], values[start:stop, : self._width]
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep only the batch rows in `index` (e.g. drop finished sequences)."""
-        self.k = self.k[:, index]
-        self.v = self.v[:, index]
+    def advance(self, new: int) -> None:
+        """The forward pass is done: each selected row is `new` tokens longer."""
+        start, stop = self._rows
+        for r in range(start, stop):
+            self.lengths[r] += new
+
+    def move(self, src: int, dst: int) -> None:
+        """Copy row `src`'s sequence into row `dst` (compacts the batch when a sequence leaves)."""
+        n = self.lengths[src]
+        if src != dst:
+            self.k[:, dst, :n] = self.k[:, src, :n]
+            self.v[:, dst, :n] = self.v[:, src, :n]
+        self.lengths[dst] = n
 
 
 class CausalSelfAttention(nn.Module):
@@ -86,16 +152,14 @@ class CausalSelfAttention(nn.Module):
         layer: int = 0,
     ) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        # (B, T, heads, head_dim) views of the fused projection; the cache stores keys in that layout
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).unbind(2)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
             attn_mask=mask,
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=mask is None and T > 1,
@@ -241,19 +305,27 @@ class GPT(nn.Module):
     ) -> torch.Tensor:
         """Final-LayerNorm hidden states (B, T, emb_dim)."""
         B, T = input_ids.shape
+        ragged = cache.begin(B, T) if cache is not None else None
         past = cache.pos if cache is not None else 0
         if past + T > self.cfg.context_length:
             raise ValueError(
                 f"sequence of {past + T} tokens exceeds context_length={self.cfg.context_length}"
             )
-        if position_ids is None:
-            position_ids = torch.arange(past, past + T, device=input_ids.device)[None, :]
+        if ragged is not None:  # cached rows of different lengths, one new token each
+            if attention_mask is not None:
+                raise ValueError("rows of different cached lengths take no attention_mask (the cache masks)")
+            mask = cache.key_mask
+            if position_ids is None:
+                position_ids = ragged
+        else:
+            mask = self._attention_mask(attention_mask, T, past, input_ids.device)
+            if position_ids is None:
+                position_ids = torch.arange(past, past + T, device=input_ids.device)[None, :]
         x = self.drop(self.tok_emb(input_ids) + self.pos_emb(position_ids))
-        mask = self._attention_mask(attention_mask, T, past, input_ids.device)
         for i, block in enumerate(self.blocks):
             x = block(x, mask, cache, i)
         if cache is not None:
-            cache.pos += T
+            cache.advance(T)
         return self.ln_f(x)
 
     def pool(self, h: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
