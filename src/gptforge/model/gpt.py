@@ -27,7 +27,7 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // max(1, x.shape[-1])
         if (
-            rows <= SKINNY_ROWS
+            1 < rows <= SKINNY_ROWS  # one row (a decoding step at batch 1): F.linear is as fast, fewer ops
             and x.device.type == "cpu"
             and not torch.is_grad_enabled()
             and not torch.is_autocast_enabled("cpu")
@@ -43,20 +43,20 @@ class Linear(nn.Linear):
 
 
 class KVCache:
-    """Preallocated keys and values, written in place: (n_layers, rows, max_len, heads, head_dim) each.
+    """Preallocated keys and values, written in place: (n_layers, rows, heads, max_len, head_dim) each.
 
     Every row keeps its own length, so one cache can hold sequences of different lengths (a serving
     engine's slots, prompts of different lengths). A forward pass works on the rows selected with `use`
     (all by default) and appends its tokens to each at that row's own length. Rows of different lengths
     take one token each (a decoding step) and attend to their own prefix through a key mask, reading the
-    cache in place: nothing is gathered, grown or allocated per layer. A token's keys of all heads are
-    one contiguous block (so a row's write is one copy); attention reads them through strides.
+    cache in place: nothing is gathered, grown or allocated per layer. Each head's keys are contiguous
+    (what attention reads fastest: 2x faster than a (position, head) layout at batch 8 on this CPU).
     """
 
     def __init__(
         self, cfg: GPTConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32
     ) -> None:
-        shape = (cfg.n_layers, batch_size, max_len, cfg.n_heads, cfg.head_dim)
+        shape = (cfg.n_layers, batch_size, cfg.n_heads, max_len, cfg.head_dim)
         # zeros, not empty: a masked key still has its value multiplied by weight 0, and 0 * NaN is NaN
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
@@ -64,7 +64,7 @@ class KVCache:
         self.lengths = [0] * batch_size  # positions filled, per row
         self._rows = (0, batch_size)  # rows [start, stop) of the next forward pass
         self._past = 0  # aligned pass: the selected rows' common length
-        self._flat: torch.Tensor | None = None  # ragged pass: flat (row, position) index of each new token
+        self._flat: torch.Tensor | None = None  # ragged pass: flat (row, head, position) index of new keys
         self._width = 0  # ragged pass: keys read per row (longest row + 1)
         self.key_mask: torch.Tensor | None = None  # ragged pass: additive (B, 1, 1, width) mask
 
@@ -99,7 +99,9 @@ class KVCache:
             raise ValueError("KV cache: rows of different lengths take one new token each")
         dev = self.k.device
         at = torch.tensor(lens, device=dev)
-        self._flat = torch.arange(start, stop, device=dev) * self.max_len + at
+        heads = self.k.shape[2]
+        row_head = torch.arange(start * heads, stop * heads, device=dev).view(batch, heads)
+        self._flat = (row_head * self.max_len + at[:, None]).view(-1)
         self._width = longest + 1
         hidden = torch.arange(self._width, device=dev)[None, :] > at[:, None]
         mask = torch.zeros(batch, 1, 1, self._width, device=dev, dtype=self.k.dtype)
@@ -107,17 +109,18 @@ class KVCache:
         return at[:, None]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store `k`, `v` (B, T, heads, head_dim) of layer `layer`; every key so far, (B, S, heads, head_dim)."""
+        """Store `k`, `v` (B, heads, T, head_dim) of layer `layer`; every key so far, (B, heads, S, head_dim)."""
         start, stop = self._rows
         keys, values = self.k[layer], self.v[layer]
         if self._flat is None:
-            end = self._past + k.shape[1]
-            keys[start:stop, self._past : end] = k
-            values[start:stop, self._past : end] = v
-            return keys[start:stop, :end], values[start:stop, :end]
-        keys.view(-1, *keys.shape[2:]).index_copy_(0, self._flat, k[:, 0])
-        values.view(-1, *values.shape[2:]).index_copy_(0, self._flat, v[:, 0])
-        return keys[start:stop, : self._width], values[start:stop, : self._width]
+            end = self._past + k.shape[2]
+            keys[start:stop, :, self._past : end] = k
+            values[start:stop, :, self._past : end] = v
+            return keys[start:stop, :, :end], values[start:stop, :, :end]
+        hd = k.shape[-1]
+        keys.view(-1, hd).index_copy_(0, self._flat, k.reshape(-1, hd))
+        values.view(-1, hd).index_copy_(0, self._flat, v.reshape(-1, hd))
+        return keys[start:stop, :, : self._width], values[start:stop, :, : self._width]
 
     def advance(self, new: int) -> None:
         """The forward pass is done: each selected row is `new` tokens longer."""
@@ -129,8 +132,8 @@ class KVCache:
         """Copy row `src`'s sequence into row `dst` (compacts the batch when a sequence leaves)."""
         n = self.lengths[src]
         if src != dst:
-            self.k[:, dst, :n] = self.k[:, src, :n]
-            self.v[:, dst, :n] = self.v[:, src, :n]
+            self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+            self.v[:, dst, :, :n] = self.v[:, src, :, :n]
         self.lengths[dst] = n
 
 
@@ -152,20 +155,23 @@ class CausalSelfAttention(nn.Module):
         layer: int = 0,
     ) -> torch.Tensor:
         B, T, C = x.shape
-        # (B, T, heads, head_dim) views of the fused projection; the cache stores keys in that layout
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).unbind(2)
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         y = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
+            q,
+            k,
+            v,
             attn_mask=mask,
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=mask is None and T > 1,
         )
         y = y.transpose(1, 2).reshape(B, T, C)
-        return self.resid_drop(self.proj(y))
+        y = self.proj(y)
+        return self.resid_drop(y) if self.training else y  # (eval: skip the no-op call)
 
 
 class MLP(nn.Module):
@@ -177,7 +183,8 @@ class MLP(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.proj(F.gelu(self.fc(x), approximate=self.approximate)))
+        y = self.proj(F.gelu(self.fc(x), approximate=self.approximate))
+        return self.drop(y) if self.training else y
 
 
 class Block(nn.Module):
@@ -321,7 +328,9 @@ class GPT(nn.Module):
             mask = self._attention_mask(attention_mask, T, past, input_ids.device)
             if position_ids is None:
                 position_ids = torch.arange(past, past + T, device=input_ids.device)[None, :]
-        x = self.drop(self.tok_emb(input_ids) + self.pos_emb(position_ids))
+        x = self.tok_emb(input_ids) + self.pos_emb(position_ids)
+        if self.training:
+            x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, mask, cache, i)
         if cache is not None:
