@@ -46,13 +46,14 @@ def _floor_forms(model: GPT, B: int, device: str) -> dict:
     return {"linear": linear, "w_xt": w_xt, "x_wt": x_wt}
 
 
-def matmul_floor_seconds(model: GPT, B: int, device: str, reps: int = 7) -> tuple[float, str]:
-    """Median seconds of one decoding step's weight matmuls in the fastest of the three forms, and its
-    name. No greedy decoder with these weights can beat it."""
+def matmul_floor_seconds(model: GPT, B: int, device: str, reps: int = 7) -> tuple[float, str, dict]:
+    """Median seconds of one decoding step's weight matmuls in the fastest of the three forms, its name,
+    and every form's median. No greedy decoder with these weights can beat the fastest."""
     with torch.inference_mode():
         times = interleaved(_floor_forms(model, B, device), reps=reps, warmup=1, device=device)
-    best = min(times, key=lambda k: median(times[k]))
-    return median(times[best]), best
+    forms = {k: median(v) for k, v in times.items()}
+    best = min(forms, key=forms.get)
+    return forms[best], best, forms
 
 
 # Where a decoding step's time goes: aten ops by what they do; the rest of the wall time is Python and
@@ -153,7 +154,7 @@ def run(
         plist = prompt.tolist()
         label = f"{preset} batch {B}, {new_tokens} new tokens"
         log(f"generate: {label} ...")
-        floor_s, form = matmul_floor_seconds(model, B, device)
+        floor_s, form, forms = matmul_floor_seconds(model, B, device)
         floor_fn = _floor_forms(model, B, device)[form]
         engine = Engine(model, tokenizer, max_batch=B, max_queue=0).start()
 
@@ -215,6 +216,8 @@ def run(
                 matmul_floor_tokens_per_s=round(floor_tps, 2),
                 matmul_floor_form=form,
                 matmul_floor_alone_tokens_per_s=round(B / floor_s, 2),
+                # gptforge's Linear uses F.linear for one row and w_xt for 2..128 rows (model/gpt.py)
+                matmul_floor_ms_by_form={k: round(v * 1e3, 3) for k, v in forms.items()},
                 share_of_floor={k: round(v / floor_tps, 3) for k, v in tps.items() if k != "floor"},
                 decode_share_of_floor={k: round(v / floor_tps, 3) for k, v in decode_tps.items()},
                 prefill_share={k: round(med[f"{k}_first"] / med[k], 3) for k in ("gptforge", "engine")},

@@ -347,9 +347,12 @@ def _details(r: dict) -> list[str]:
                 )
             bd = r.get("decode_ms_per_step")
             if bd:
+                forms = r.get("matmul_floor_ms_by_form", {})
                 out.append(
                     f"- {r['case']}: one decoding step, profiled (ms): "
                     + ", ".join(f"{k} {v}" for k, v in bd.items())
+                    + "; the weight matmuls alone by GEMM form (ms): "
+                    + ", ".join(f"{k} {v}" for k, v in forms.items())
                 )
             if r.get("target") and r.get("met") is False:
                 need = r["target"] * r["baseline"]
