@@ -155,6 +155,7 @@ def run(
         label = f"{preset} batch {B}, {new_tokens} new tokens"
         log(f"generate: {label} ...")
         floor_s, form, forms = matmul_floor_seconds(model, B, device)
+        own_form = "linear" if B == 1 or device != "cpu" else "w_xt"  # gptforge.model.gpt.Linear
         floor_fn = _floor_forms(model, B, device)[form]
         engine = Engine(model, tokenizer, max_batch=B, max_queue=0).start()
 
@@ -220,6 +221,12 @@ def run(
                 matmul_floor_ms_by_form={k: round(v * 1e3, 3) for k, v in forms.items()},
                 share_of_floor={k: round(v / floor_tps, 3) for k, v in tps.items() if k != "floor"},
                 decode_share_of_floor={k: round(v / floor_tps, 3) for k, v in decode_tps.items()},
+                # the same against the floor in the GEMM form gptforge's Linear uses at this batch (scaled
+                # by the forms' ratio measured just before the rounds): what is left is not the kernel
+                decode_share_of_own_form_floor={
+                    k: round(v / floor_tps * forms[form] / forms[own_form], 3) for k, v in decode_tps.items()
+                },
+                own_form=own_form,
                 prefill_share={k: round(med[f"{k}_first"] / med[k], 3) for k in ("gptforge", "engine")},
                 floor_target=0.85,
                 decode_ms_per_step=breakdown,

@@ -345,6 +345,13 @@ def _details(r: dict) -> list[str]:
                     f"{_pct(dec.get('gptforge'))} and engine {_pct(dec.get('engine'))} of the floor "
                     f"(goal {_pct(r.get('floor_target'))}: {ok.get('gptforge')} / {ok.get('engine')})"
                 )
+                own = r.get("decode_share_of_own_form_floor")
+                if own and r.get("own_form") != r.get("matmul_floor_form"):
+                    out.append(
+                        f"- {r['case']}: gptforge's Linear runs the {r['own_form']} form at this batch; against "
+                        f"the floor in that form, decoding alone reaches {_pct(own.get('gptforge'))} (generate) "
+                        f"and {_pct(own.get('engine'))} (engine)"
+                    )
             bd = r.get("decode_ms_per_step")
             if bd:
                 forms = r.get("matmul_floor_ms_by_form", {})
