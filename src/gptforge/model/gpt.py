@@ -63,15 +63,23 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self.lengths = [0] * batch_size  # positions filled, per row
-        self._rows = (0, batch_size)  # rows [start, stop) of the next forward pass
+        self._flat_views = [
+            (k.view(-1, cfg.head_dim), v.view(-1, cfg.head_dim)) for k, v in zip(self.k, self.v)
+        ]
         self._past = 0  # aligned pass: the selected rows' common length
         self._flat: torch.Tensor | None = None  # ragged pass: flat (row, head, position) index of new keys
         self._width = 0  # ragged pass: keys read per row (longest row + 1)
         self.key_mask: torch.Tensor | None = None  # ragged pass: additive (B, 1, 1, width) mask
+        self._rows = (0, 0)  # rows [start, stop) of the next forward pass
+        self._views: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer: those rows' keys, values
+        self.use()
 
     def use(self, start: int = 0, stop: int | None = None) -> KVCache:
         """Select rows [start, stop) as the batch of the next forward pass (all rows by default)."""
-        self._rows = (start, self.k.shape[1] if stop is None else stop)
+        rows = (start, self.k.shape[1] if stop is None else stop)
+        if rows != self._rows:  # decoding keeps its rows: the views are made once, not per step
+            self._rows = rows
+            self._views = [(k[rows[0] : rows[1]], v[rows[0] : rows[1]]) for k, v in zip(self.k, self.v)]
         return self
 
     @property
@@ -111,17 +119,16 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store `k`, `v` (B, heads, T, head_dim) of layer `layer`; every key so far, (B, heads, S, head_dim)."""
-        start, stop = self._rows
-        keys, values = self.k[layer], self.v[layer]
+        keys, values = self._views[layer]
         if self._flat is None:
             end = self._past + k.shape[2]
-            keys[start:stop, :, self._past : end] = k
-            values[start:stop, :, self._past : end] = v
-            return keys[start:stop, :, :end], values[start:stop, :, :end]
-        hd = k.shape[-1]
-        keys.view(-1, hd).index_copy_(0, self._flat, k.reshape(-1, hd))
-        values.view(-1, hd).index_copy_(0, self._flat, v.reshape(-1, hd))
-        return keys[start:stop, :, : self._width], values[start:stop, :, : self._width]
+            keys[:, :, self._past : end] = k
+            values[:, :, self._past : end] = v
+            return keys[:, :, :end], values[:, :, :end]
+        flat_k, flat_v = self._flat_views[layer]
+        flat_k.index_copy_(0, self._flat, k.reshape(-1, flat_k.shape[1]))
+        flat_v.index_copy_(0, self._flat, v.reshape(-1, flat_v.shape[1]))
+        return keys[:, :, : self._width], values[:, :, : self._width]
 
     def advance(self, new: int) -> None:
         """The forward pass is done: each selected row is `new` tokens longer."""
@@ -156,10 +163,8 @@ class CausalSelfAttention(nn.Module):
         layer: int = 0,
     ) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        # (B, heads, T, head_dim) views of the fused projection (3 ops, not 7: decoding runs this per layer)
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         y = F.scaled_dot_product_attention(
