@@ -71,7 +71,7 @@ CATEGORIES = {
         "aten::_softmax",
         "aten::softmax",
     ),
-    "cache writes": ("aten::index_copy_", "aten::index_put_"),
+    "copies (cache writes, Linear output layout)": ("aten::copy_", "aten::index_copy_", "aten::index_put_"),
     "layer norm, gelu, residual adds": ("aten::native_layer_norm", "aten::gelu", "aten::add", "aten::add_"),
     "sampling": ("aten::argmax", "aten::max", "aten::topk", "aten::sort", "aten::multinomial"),
 }
