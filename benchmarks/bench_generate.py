@@ -224,7 +224,7 @@ def run(
                 # the same against the floor in the GEMM form gptforge's Linear uses at this batch (scaled
                 # by the forms' ratio measured just before the rounds): what is left is not the kernel
                 decode_share_of_own_form_floor={
-                    k: round(v / floor_tps * forms[form] / forms[own_form], 3) for k, v in decode_tps.items()
+                    k: round(v / floor_tps * forms[own_form] / forms[form], 3) for k, v in decode_tps.items()
                 },
                 own_form=own_form,
                 prefill_share={k: round(med[f"{k}_first"] / med[k], 3) for k in ("gptforge", "engine")},
