@@ -1,27 +1,31 @@
-"""Greedy generation tokens/s: gptforge's KV-cache loop vs transformers `generate` and vs no cache.
+"""Greedy generation tokens/s: gptforge's KV-cache loop and serving engine vs transformers `generate`,
+vs no cache, and vs the weight-matmul floor of a decoding step.
 
-Same weights (copied with `to_hf`), same random prompt, EOS disabled so every run makes exactly
-`new_tokens` tokens; the token ids of both must be equal (recorded as `same_tokens`).
+Same weights (copied with `to_hf`), same random prompts, EOS disabled so every run makes exactly
+`new_tokens` tokens; the token ids of every side must be equal (recorded as `same_tokens`). The floor
+runs in the same interleaved rounds as the generators, so each share of it is measured under the same
+load; a profile of gptforge's decoding steps says where the time above the floor goes.
 """
 
 from __future__ import annotations
 
+import collections
+import time
+
 import torch
+import torch.nn.functional as F
 from common import interleaved, log, median, record
 
 from gptforge.model.config import GPTConfig
-from gptforge.model.generate import generate
-from gptforge.model.gpt import GPT
+from gptforge.model.generate import decode_step, generate, prefill
+from gptforge.model.gpt import GPT, KVCache
 from gptforge.model.hf import to_hf
 
 
-def matmul_floor_seconds(model: GPT, B: int, device: str, reps: int = 7) -> float:
-    """Median time of just the weight matmuls of one decoding step (every block's four Linear layers and
-    the LM head, batch B, one token per row), in the fastest of three forms of the same product:
-    F.linear(x, W), (W @ x.T).T, and x @ W.T with W.T copied contiguous beforehand (a second copy of
-    every weight, which neither side keeps). No greedy decoder with these weights can beat it."""
-    import torch.nn.functional as F
-
+def _floor_forms(model: GPT, B: int, device: str) -> dict:
+    """The weight matmuls of one decoding step (every block's four Linear layers and the LM head, batch
+    B, one token per row) in three forms of the same product: F.linear(x, W), (W @ x.T).T, and x @ W.T
+    with W.T copied contiguous beforehand (a second copy of every weight, which neither side keeps)."""
     mods = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     xs = {m.in_features: torch.randn(B, m.in_features, device=device) for m in mods}
     weights = [m.weight.detach() for m in mods]
@@ -39,11 +43,76 @@ def matmul_floor_seconds(model: GPT, B: int, device: str, reps: int = 7) -> floa
         for wt in transposed:
             xs[wt.shape[0]] @ wt
 
+    return {"linear": linear, "w_xt": w_xt, "x_wt": x_wt}
+
+
+def matmul_floor_seconds(model: GPT, B: int, device: str, reps: int = 7) -> tuple[float, str, dict]:
+    """Median seconds of one decoding step's weight matmuls in the fastest of the three forms, its name,
+    and every form's median. No greedy decoder with these weights can beat the fastest."""
     with torch.inference_mode():
-        times = interleaved(
-            {"linear": linear, "w_xt": w_xt, "x_wt": x_wt}, reps=reps, warmup=1, device=device
-        )
-    return min(median(t) for t in times.values())
+        times = interleaved(_floor_forms(model, B, device), reps=reps, warmup=1, device=device)
+    forms = {k: median(v) for k, v in times.items()}
+    best = min(forms, key=forms.get)
+    return forms[best], best, forms
+
+
+# Where a decoding step's time goes: aten ops by what they do; the rest of the wall time is Python and
+# dispatch (the interpreter, module calls, argument parsing).
+CATEGORIES = {
+    "weight matmuls": ("aten::addmm", "aten::mm", "aten::addmv", "aten::mv", "aten::matmul", "aten::linear"),
+    "attention": (
+        "aten::_scaled_dot_product_flash_attention_for_cpu",
+        "aten::_scaled_dot_product_attention_math",
+        "aten::_scaled_dot_product_efficient_attention",
+        "aten::_scaled_dot_product_flash_attention",
+        "aten::_efficient_attention_forward",
+        "aten::_flash_attention_forward",
+        "aten::bmm",
+        "aten::_softmax",
+        "aten::softmax",
+    ),
+    "copies (cache writes, Linear output layout)": ("aten::copy_", "aten::index_copy_", "aten::index_put_"),
+    "layer norm, gelu, residual adds": ("aten::native_layer_norm", "aten::gelu", "aten::add", "aten::add_"),
+    "sampling": ("aten::argmax", "aten::max", "aten::topk", "aten::sort", "aten::multinomial"),
+}
+
+
+def decode_breakdown(model: GPT, prompts: list[list[int]], steps: int, floor_s: float) -> dict:
+    """Profile `steps` decoding steps (forward, LM head, argmax) after a prefill: milliseconds per step
+    in each category of aten ops (self time), Python and dispatch (wall minus all aten ops), and the
+    weight-matmul floor for comparison. The profiler adds a little to the Python share."""
+    from torch.profiler import ProfilerActivity, profile
+
+    p = next(model.parameters())
+    B = len(prompts)
+    with torch.inference_mode():
+        cache = KVCache(model.cfg, B, max(map(len, prompts)) + steps + 1, device=p.device, dtype=p.dtype)
+        tok = prefill(model, cache, 0, prompts).argmax(-1)
+        for _ in range(3):  # warm the profiler's own first-call costs on a throwaway cache
+            decode_step(model, cache, tok)
+        cache = KVCache(model.cfg, B, max(map(len, prompts)) + steps + 1, device=p.device, dtype=p.dtype)
+        tok = prefill(model, cache, 0, prompts).argmax(-1)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                tok = decode_step(model, cache, tok).argmax(-1)
+            wall = time.perf_counter() - t0
+    self_us: collections.Counter[str] = collections.Counter()
+    for e in prof.key_averages():
+        self_us[e.key] += e.self_cpu_time_total
+    per_step = {}
+    used = 0.0
+    for cat, names in CATEGORIES.items():
+        us = sum(self_us[n] for n in names)
+        used += us
+        per_step[cat] = us / 1e3 / steps
+    all_ops = sum(self_us.values())
+    per_step["other aten ops"] = (all_ops - used) / 1e3 / steps
+    per_step["python and dispatch"] = max(0.0, wall - all_ops / 1e6) * 1e3 / steps
+    out = {k: round(v, 3) for k, v in per_step.items()}
+    out["total (profiled)"] = round(wall * 1e3 / steps, 3)
+    out["weight-matmul floor"] = round(floor_s * 1e3, 3)
+    return out
 
 
 def run(
@@ -55,10 +124,14 @@ def run(
     device: str,
     no_cache_tokens: int | None,
 ) -> list[dict]:
+    from gptforge.model.tokenizer import Tokenizer
+    from gptforge.serve.engine import Engine, SamplingParams, wait_all
+
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_preset(preset)).to(device).eval()
     hf = to_hf(model).to(device).eval()
     hf.generation_config.eos_token_id = None
+    tokenizer = Tokenizer()
     rows = []
 
     def ours(plist, n, use_cache=True):
@@ -81,20 +154,50 @@ def run(
         plist = prompt.tolist()
         label = f"{preset} batch {B}, {new_tokens} new tokens"
         log(f"generate: {label} ...")
-        ours(plist, 4), theirs(prompt, 4)  # warm-up: same shapes, a few steps
-        outs: dict = {}
-        times = interleaved(
-            {
-                "gptforge": lambda p=plist: ours(p, new_tokens),
-                "transformers": lambda p=prompt: theirs(p, new_tokens),
-            },
-            reps=reps[B],
-            warmup=0,
-            device=device,
-            outputs=outs,
-        )
-        tps = {k: B * new_tokens / median(v) for k, v in times.items()}
-        floor_tps = B / matmul_floor_seconds(model, B, device)
+        floor_s, form, forms = matmul_floor_seconds(model, B, device)
+        own_form = "linear" if B == 1 or device != "cpu" else "w_xt"  # gptforge.model.gpt.Linear
+        floor_fn = _floor_forms(model, B, device)[form]
+        engine = Engine(model, tokenizer, max_batch=B, max_queue=0).start()
+
+        def served(n, plist=plist, engine=engine):
+            reqs = [engine.submit(p, SamplingParams(max_tokens=n, eos_ids=())) for p in plist]
+            if not wait_all(reqs, 3600):
+                raise RuntimeError("engine: requests did not finish")
+            return [r.tokens for r in reqs]
+
+        def floor(n=new_tokens, fn=floor_fn):
+            with torch.inference_mode():
+                for _ in range(n):
+                    fn()
+
+        try:
+            ours(plist, 4), theirs(prompt, 4), served(4), floor(4)  # warm-up: same shapes, a few steps
+            outs: dict = {}
+            times = interleaved(
+                {
+                    "gptforge": lambda p=plist: ours(p, new_tokens),
+                    "engine": lambda: served(new_tokens),
+                    "transformers": lambda p=prompt: theirs(p, new_tokens),
+                    "floor": floor,
+                    # prefill and first token only: the difference to the full runs is decoding alone
+                    "gptforge_first": lambda p=plist: ours(p, 1),
+                    "engine_first": lambda: served(1),
+                },
+                reps=reps[B],
+                warmup=0,
+                device=device,
+                outputs=outs,
+            )
+        finally:
+            engine.stop()
+        med = {k: median(v) for k, v in times.items()}
+        tps = {k: B * new_tokens / med[k] for k in ("gptforge", "engine", "transformers", "floor")}
+        floor_tps = tps["floor"]
+        # Decoding alone: tokens 2..n, without the prefill (which the floor of a decoding step leaves out).
+        decode_tps = {
+            k: B * (new_tokens - 1) / max(1e-9, med[k] - med[f"{k}_first"]) for k in ("gptforge", "engine")
+        }
+        breakdown = decode_breakdown(model, plist, new_tokens - 1, med["floor"] / new_tokens)
         target = {1: 2.0, 8: 1.3}.get(B) if preset == "gpt2" else None
         rows.append(
             record(
@@ -108,14 +211,33 @@ def run(
                 target=target,
                 samples=times,
                 same_tokens=outs["gptforge"] == outs["transformers"],
+                engine_same_tokens=outs["engine"] == outs["gptforge"],
                 prompt_tokens=prompt_len,
+                engine_tokens_per_s=round(tps["engine"], 2),
                 matmul_floor_tokens_per_s=round(floor_tps, 2),
-                share_of_floor={k: round(v / floor_tps, 3) for k, v in tps.items()},
+                matmul_floor_form=form,
+                matmul_floor_alone_tokens_per_s=round(B / floor_s, 2),
+                # gptforge's Linear uses F.linear for one row and w_xt for 2..128 rows (model/gpt.py)
+                matmul_floor_ms_by_form={k: round(v * 1e3, 3) for k, v in forms.items()},
+                share_of_floor={k: round(v / floor_tps, 3) for k, v in tps.items() if k != "floor"},
+                decode_share_of_floor={k: round(v / floor_tps, 3) for k, v in decode_tps.items()},
+                # the same against the floor in the GEMM form gptforge's Linear uses at this batch (scaled
+                # by the forms' ratio measured just before the rounds): what is left is not the kernel
+                decode_share_of_own_form_floor={
+                    k: round(v / floor_tps * forms[own_form] / forms[form], 3) for k, v in decode_tps.items()
+                },
+                own_form=own_form,
+                prefill_share={k: round(med[f"{k}_first"] / med[k], 3) for k in ("gptforge", "engine")},
+                floor_target=0.85,
+                decode_ms_per_step=breakdown,
             )
         )
         log(
-            f"generate: {label}: gptforge {tps['gptforge']:.1f} tok/s, transformers {tps['transformers']:.1f}, "
-            f"weight matmuls alone {floor_tps:.1f}"
+            f"generate: {label}: floor {floor_tps:.1f} tok/s ({form}); gptforge {tps['gptforge']:.1f} "
+            f"({tps['gptforge'] / floor_tps:.0%}, decoding alone {decode_tps['gptforge'] / floor_tps:.0%}), "
+            f"engine {tps['engine']:.1f} ({tps['engine'] / floor_tps:.0%}, decoding alone "
+            f"{decode_tps['engine'] / floor_tps:.0%}), transformers {tps['transformers']:.1f} "
+            f"({tps['transformers'] / floor_tps:.0%}); per decoding step (ms): {breakdown}"
         )
 
     if no_cache_tokens:

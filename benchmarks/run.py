@@ -412,6 +412,34 @@ def _details(r: dict) -> list[str]:
                 f"{_pct(share.get('gptforge'))} of that, the baseline "
                 f"{_pct(share.get('transformers', share.get('no_cache')))}"
             )
+            if "engine_tokens_per_s" in r:
+                dec = r.get("decode_share_of_floor", {})
+                ok = {k: v >= r.get("floor_target", 0.85) for k, v in dec.items()}
+                out.append(
+                    f"- {r['case']}: the floor measured in the same rounds ({r.get('matmul_floor_form')} form); "
+                    f"serve engine {_fmt(r['engine_tokens_per_s'])} tokens/s, {_pct(share.get('engine'))} of "
+                    f"the floor (same tokens as generate: {r.get('engine_same_tokens')}); decoding alone "
+                    f"(without the prefill: {_pct(r.get('prefill_share', {}).get('gptforge'))} / "
+                    f"{_pct(r.get('prefill_share', {}).get('engine'))} of the run) generate "
+                    f"{_pct(dec.get('gptforge'))} and engine {_pct(dec.get('engine'))} of the floor "
+                    f"(goal {_pct(r.get('floor_target'))}: {ok.get('gptforge')} / {ok.get('engine')})"
+                )
+                own = r.get("decode_share_of_own_form_floor")
+                if own and r.get("own_form") != r.get("matmul_floor_form"):
+                    out.append(
+                        f"- {r['case']}: gptforge's Linear runs the {r['own_form']} form at this batch; against "
+                        f"the floor in that form, decoding alone reaches {_pct(own.get('gptforge'))} (generate) "
+                        f"and {_pct(own.get('engine'))} (engine)"
+                    )
+            bd = r.get("decode_ms_per_step")
+            if bd:
+                forms = r.get("matmul_floor_ms_by_form", {})
+                out.append(
+                    f"- {r['case']}: one decoding step, profiled (ms): "
+                    + ", ".join(f"{k} {v}" for k, v in bd.items())
+                    + "; the weight matmuls alone by GEMM form (ms): "
+                    + ", ".join(f"{k} {v}" for k, v in forms.items())
+                )
             if r.get("target") and r.get("met") is False:
                 need = r["target"] * r["baseline"]
                 out.append(

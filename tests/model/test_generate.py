@@ -15,8 +15,17 @@ from gptforge.cli import main
 from gptforge.errors import ConfigError, GPTForgeError
 from gptforge.model.checkpoint import save_checkpoint
 from gptforge.model.config import GPTConfig
-from gptforge.model.generate import generate, generate_text, left_pad, sample_next, top_k_filter, top_p_filter
-from gptforge.model.gpt import GPT
+from gptforge.model.generate import (
+    decode_step,
+    generate,
+    generate_text,
+    left_pad,
+    prefill,
+    sample_next,
+    top_k_filter,
+    top_p_filter,
+)
+from gptforge.model.gpt import GPT, KVCache
 
 PROMPTS = [[5, 6, 7, 8, 9], [3], [10, 11, 12, 13, 14, 15, 16, 17], [40, 41]]
 
@@ -168,6 +177,47 @@ def test_left_padded_batch_equals_each_prompt_alone_with_cropping():
     assert generate(model, prompts, max_new_tokens=24, eos_token_id=None) == alone
     assert generate(model, prompts, max_new_tokens=24, eos_token_id=None, use_cache=False) == alone
     assert generate(model, prompts, max_new_tokens=24, eos_token_id=None, batch_size=3) == alone
+
+
+def test_cache_rows_of_different_lengths_decode_as_each_sequence_alone():
+    """One cache, rows at different lengths, decoded together in place: every step's logits equal each
+    sequence's full forward alone; a row moved into a freed one (compaction) goes on the same."""
+    model = small_model(ctx=32)
+    seqs = [list(range(2, 9)), [5], list(range(20, 32)), [7, 8, 9]]
+    torch.manual_seed(1)
+    fed = torch.randint(2, 500, (len(seqs), 7)).tolist()
+    with torch.no_grad():
+        cache = KVCache(model.cfg, len(seqs), 32)
+        got = [prefill(model, cache, 0, seqs)]
+        got += [decode_step(model, cache, torch.tensor([f[t] for f in fed])) for t in range(6)]
+        assert cache.lengths == [len(s) + 6 for s in seqs]
+        for i, s in enumerate(seqs):
+            want = model(torch.tensor([s + fed[i][:6]]))[0, len(s) - 1 :]
+            torch.testing.assert_close(torch.stack([g[i] for g in got]), want, atol=1e-5, rtol=1e-5)
+        cache.move(3, 1)  # row 1 leaves; the last row takes its place
+        step = decode_step(model, cache, torch.tensor([fed[0][6], fed[3][6], fed[2][6]]))
+        for row, i in enumerate([0, 3, 2]):
+            want = model(torch.tensor([seqs[i] + fed[i]]))[0, -1]
+            torch.testing.assert_close(step[row], want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="one new token each"):
+        model.hidden_states(torch.ones(3, 2, dtype=torch.long), cache=cache.use(0, 3))
+
+
+def test_rows_leaving_early_keep_sampling_identical_with_and_without_cache():
+    """EOS ends rows at different steps (their cache rows are refilled by moving the last one): seeded
+    sampling still draws in the caller's row order, so cached and uncached runs agree."""
+    model = small_model()
+    prompts = PROMPTS + [[60, 61, 62], [70]]
+    kw = dict(max_new_tokens=20, temperature=1.0)
+    free = generate(model, prompts, generator=torch.Generator().manual_seed(3), eos_token_id=None, **kw)
+    eos = free[0][4]
+    a = generate(model, prompts, generator=torch.Generator().manual_seed(3), eos_token_id=eos, **kw)
+    b = generate(
+        model, prompts, generator=torch.Generator().manual_seed(3), eos_token_id=eos, use_cache=False, **kw
+    )
+    assert a == b
+    # Row 0 left after 4 tokens while the last row ran on in its place (the batch order changed).
+    assert len(a[0]) == 4 and len(a[-1]) == 20
 
 
 def test_tensor_input_with_attention_mask_equals_lists():

@@ -66,6 +66,32 @@ def test_requests_joining_a_running_batch_equal_each_alone(tiny_lm):
     assert engine.steps < sum(lengths) / 2
 
 
+def test_rows_refilled_and_reused_equal_each_alone(tiny_lm, monkeypatch):
+    """Requests of very different lengths through three cache rows: a finishing request's row is refilled
+    by moving the last active row into it (that request goes on from its moved keys), and a freed row is
+    reused by the next prompt (its old keys hidden). Every output still equals the request alone."""
+    from gptforge.model.gpt import KVCache
+
+    moves = []
+    real_move = KVCache.move
+    monkeypatch.setattr(
+        KVCache, "move", lambda self, src, dst: moves.append((src, dst)) or real_move(self, src, dst)
+    )
+    ids = [TOK.encode(p) for p in (PROMPTS[6], PROMPTS[0], PROMPTS[2], PROMPTS[13], PROMPTS[4], PROMPTS[1])]
+    lengths = [40, 3, 30, 5, 12, 20]  # the short ones leave first, from rows 1 and then 0
+    alone = [generate(tiny_lm, [p], max_new_tokens=n, eos_token_id=None)[0] for p, n in zip(ids, lengths)]
+    engine = Engine(tiny_lm, TOK, max_batch=3, max_queue=8)
+    reqs = [engine.submit(p, SamplingParams(max_tokens=n, eos_ids=())) for p, n in zip(ids, lengths)]
+    engine.start()
+    try:
+        assert wait_all(reqs, 60)
+    finally:
+        engine.stop()
+    assert [r.tokens for r in reqs] == alone
+    assert any(src != dst for src, dst in moves)  # a running request really moved to another row
+    assert engine.load["running"] == 0
+
+
 def test_stop_strings_and_eos_cut_as_generate_text(tiny_lm):
     engine = Engine(tiny_lm, TOK, max_batch=4).start()
     try:

@@ -1,10 +1,12 @@
 """Batched text generation: greedy, temperature, top-k, top-p, EOS and stop strings, with a KV cache.
 
-Prompts of different lengths are left-padded into one batch; position ids are `cumsum(mask) - 1`, so a
-padded row produces exactly what it would alone. When prompt plus output outgrows the context window,
-the last `context_length` tokens are kept, as the book's loop does; positions are absolute, so with a
-cache that means prefilling the cropped window again. `use_cache=False` recomputes the whole window each
-step: the reference loop, kept as the baseline the cache is tested and benchmarked against.
+Prompts of different lengths share one preallocated KV cache, one row each at its own length: one
+right-padded prefill, then one forward pass per token over every unfinished row, each attending to its
+own prefix (`gpt.KVCache`), so a row produces what it would alone. `prefill` and `decode_step` are the
+cached forward passes the serving engine uses too. When prompt plus output outgrows the context window,
+the last `context_length` tokens are kept, as the book's loop does; positions are absolute, so such a
+row recomputes its cropped window every step. `use_cache=False` recomputes the whole window each step
+for every row: the reference loop, kept as the baseline the cache is tested and benchmarked against.
 """
 
 from __future__ import annotations
@@ -18,7 +20,16 @@ from gptforge.errors import ConfigError
 from gptforge.model.gpt import GPT, KVCache
 from gptforge.model.tokenizer import Tokenizer
 
-__all__ = ["generate", "generate_text", "sample_next", "top_k_filter", "top_p_filter", "left_pad"]
+__all__ = [
+    "decode_step",
+    "generate",
+    "generate_text",
+    "left_pad",
+    "prefill",
+    "sample_next",
+    "top_k_filter",
+    "top_p_filter",
+]
 
 
 # -- sampling ----------------------------------------------------------------------------------------
@@ -77,11 +88,6 @@ def left_pad(
     return ids.to(device), mask.to(device)
 
 
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    """Position of each token among its row's real tokens; padding gets 0 (it is never attended to)."""
-    return (mask.cumsum(-1) - 1).clamp(min=0)
-
-
 def _as_prompt_lists(
     input_ids: Sequence[Sequence[int]] | torch.Tensor, attention_mask: torch.Tensor | None
 ) -> list[list[int]]:
@@ -132,7 +138,44 @@ class _Row:
     stop_at: int | None = None  # byte offset where the first stop string starts
 
 
+# -- the cached forward passes (shared with the serving engine) ---------------------------------------
+def prefill(model: GPT, cache: KVCache, start: int, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Write `prompts` into cache rows start, start + 1, ... from position 0; logits (n, V) of their last token.
+
+    One forward pass, prompts right-padded: the causal mask alone keeps each prompt's tokens from seeing
+    the padding after them, and the padding's keys sit past the row's length, hidden until overwritten.
+    The LM head runs on the last real token of each row only.
+    """
+    lens = [len(p) for p in prompts]
+    width = max(lens)
+    dev = cache.k.device
+    ids = torch.tensor([list(p) + [0] * (width - len(p)) for p in prompts], dtype=torch.long, device=dev)
+    for r in range(start, start + len(prompts)):
+        cache.lengths[r] = 0
+    h = model.hidden_states(ids, cache=cache.use(start, start + len(prompts)))
+    for r, n in enumerate(lens, start):
+        cache.lengths[r] = n
+    if width == min(lens):
+        last = h[:, -1]
+    else:
+        last = h[torch.arange(len(lens), device=dev), torch.tensor(lens, device=dev) - 1]
+    return model.lm_head(last).float()
+
+
+def decode_step(model: GPT, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
+    """Feed one new token per row to cache rows 0..n-1 (each at its own length); next-token logits (n, V)."""
+    n = tokens.shape[0]
+    h = model.hidden_states(tokens.view(n, 1), cache=cache.use(0, n))
+    return model.lm_head(h[:, -1]).float()
+
+
 # -- the loop ----------------------------------------------------------------------------------------
+def _window_logits(model: GPT, seq: list[int], device) -> torch.Tensor:
+    """Logits after the last `context_length` tokens of `seq`, recomputed without a cache (1, V)."""
+    ids = torch.tensor([seq[-model.cfg.context_length :]], dtype=torch.long, device=device)
+    return model.lm_head(model.hidden_states(ids)[:, -1]).float()
+
+
 @torch.inference_mode()
 def _generate_batch(
     model: GPT,
@@ -148,41 +191,51 @@ def _generate_batch(
     use_cache: bool,
     generator: torch.Generator | None,
 ) -> list[_Row]:
-    cfg = model.cfg
-    ctx = cfg.context_length
-    param = next(model.parameters())
-    pad_id = cfg.pad_token_id if 0 <= cfg.pad_token_id < cfg.vocab_size else 0
-    seq, mask = left_pad(prompts, pad_id, param.device)
+    """Rows that fit the context window decode from one per-row KV cache (cache row j holds prompt
+    `cached[j]`); a row longer than the window recomputes its last `context_length` tokens each step, as
+    the book's loop does (all rows do with `use_cache=False`). A finished row's cache row is refilled by
+    moving the last one into it, so a step's batch is always rows 0..n-1 of the cache."""
+    ctx = model.cfg.context_length
+    dev = next(model.parameters()).device
     rows = [_Row() for _ in prompts]
-    active = list(range(len(prompts)))  # original index of each row still in the batch
-    cache: KVCache | None = None
+    seqs = [list(p) for p in prompts]  # every token so far, for a row that outgrows the window
+    cached = [i for i, p in enumerate(prompts) if use_cache and len(p) <= ctx]
+    windowed = [i for i, p in enumerate(prompts) if not use_cache or len(p) > ctx]
+    cache = None
+    if cached:
+        size = min(ctx, max(len(prompts[i]) for i in cached) + max_new_tokens - 1)
+        p = next(model.parameters())
+        cache = KVCache(model.cfg, len(cached), size, device=dev, dtype=p.dtype)
+    last: list[int] = []  # newest token of each cached row, in cache-row order
 
-    def last_logits(ids, m, pos, kv):
-        h = model.hidden_states(ids, attention_mask=None if bool(m.all()) else m, position_ids=pos, cache=kv)
-        return model.lm_head(h[:, -1]).float()
+    for step in range(max_new_tokens):
+        # Cached rows whose window is full from now on recompute it instead.
+        for j in range(len(cached) - 1, -1, -1):
+            if cache.lengths[j] >= ctx:
+                windowed.append(cached[j])
+                _drop_cache_row(cache, cached, last, j)
+        parts, order = [], []
+        if cached:
+            if step == 0:
+                parts.append(prefill(model, cache, 0, [prompts[i] for i in cached]))
+            else:
+                parts.append(decode_step(model, cache, torch.tensor(last, dtype=torch.long, device=dev)))
+            order += cached
+        for i in windowed:
+            parts.append(_window_logits(model, seqs[i], dev))
+            order.append(i)
+        logits = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if temperature != 0 and order != sorted(order):
+            # Draws follow the caller's row order, so a seeded run samples the same with or without cache.
+            perm = sorted(range(len(order)), key=order.__getitem__)
+            logits, order = logits[torch.tensor(perm, device=dev)], [order[k] for k in perm]
+        nxt = sample_next(logits, temperature, top_k, top_p, generator).tolist()
 
-    for _ in range(max_new_tokens):
-        if use_cache and cache is not None and seq.shape[1] <= ctx:
-            # One new token per row; the cache holds everything before it.
-            logits = last_logits(seq[:, -1:], mask, mask.sum(-1, keepdim=True) - 1, cache)
-        else:
-            # First step, no cache, or the window slid: (re)compute the last `ctx` tokens.
-            win, wmask = seq[:, -ctx:], mask[:, -ctx:]
-            if use_cache:
-                if cache is None:
-                    size = min(ctx, seq.shape[1] + max_new_tokens - 1)
-                    cache = KVCache(cfg, len(active), size, device=param.device, dtype=param.dtype)
-                cache.pos = 0
-            logits = last_logits(win, wmask, _positions(wmask), cache)
-        nxt = sample_next(logits, temperature, top_k, top_p, generator)
-        seq = torch.cat([seq, nxt[:, None]], dim=1)
-        mask = torch.cat([mask, torch.ones_like(nxt)[:, None]], dim=1)
-
-        finished = []
-        for i, t in enumerate(nxt.tolist()):
-            row = rows[active[i]]
+        finished = set()
+        for i, t in zip(order, nxt):
+            row = rows[i]
             if t in eos_ids:
-                finished.append(i)
+                finished.add(i)
                 continue
             row.tokens.append(t)
             if stops:
@@ -192,18 +245,28 @@ def _generate_batch(
                 hits = [j for s in stops if (j := row.data.find(s, max(0, start - len(s) + 1))) >= 0]
                 if hits:
                     row.stop_at = min(hits)
-                    finished.append(i)
+                    finished.add(i)
+        by_row = dict(zip(order, nxt))
+        last = [by_row[i] for i in cached]
+        for i, t in by_row.items():
+            seqs[i].append(t)
         if finished:
-            gone = set(finished)
-            keep = [i for i in range(len(active)) if i not in gone]
-            if not keep:
+            for j in range(len(cached) - 1, -1, -1):
+                if cached[j] in finished:
+                    _drop_cache_row(cache, cached, last, j)
+            windowed = [i for i in windowed if i not in finished]
+            if not cached and not windowed:
                 break
-            index = torch.tensor(keep, device=seq.device)
-            seq, mask = seq[index], mask[index]
-            if cache is not None:
-                cache.reorder(index)
-            active = [active[i] for i in keep]
     return rows
+
+
+def _drop_cache_row(cache: KVCache, cached: list[int], last: list[int], j: int) -> None:
+    """Remove cache row `j` from the batch: the last row moves into it (one copy of that row's keys)."""
+    end = len(cached) - 1
+    cache.move(end, j)
+    cached[j], last[j] = cached[end], last[end]
+    cached.pop()
+    last.pop()
 
 
 def _generate_rows(

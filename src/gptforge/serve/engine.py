@@ -1,9 +1,11 @@
 """Continuous batching over the model's KV cache: requests join the running batch at token boundaries.
 
-One background thread owns the model. Each step it admits waiting requests into free slots (a prefill of
-that prompt alone, into the slot's rows of one shared cache), then runs ONE forward pass over the newest
-token of every active request, samples each row with its own settings, and lets finished or cancelled
-requests leave at once, which frees their slot for the next waiting one.
+One background thread owns the model and one preallocated `KVCache` with a row per slot. Each step it
+admits waiting requests into free rows (a prefill of that prompt alone, into its row), then runs ONE
+forward pass over the newest token of every active request (`generate.decode_step`, the same cached
+pass `generate` uses), samples each row with its own settings, and lets finished or cancelled requests
+leave at once: the last active row moves into the freed one, so the active requests always hold rows
+0..n-1 and a step reads every row's keys in place, each up to its own length.
 
 Exactness: a prompt's prefill is the same batch-of-one computation `generate` does; in a decode step each
 row attends to its own cached positions only (keys past a row's length are masked), at its own absolute
@@ -26,8 +28,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gptforge.model.generate import sample_next
-from gptforge.model.gpt import GPT
+from gptforge.model.generate import decode_step, prefill, sample_next
+from gptforge.model.gpt import GPT, KVCache
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +74,7 @@ class Request:
     sent: int = 0  # bytes already handed to `on_update`
     done: threading.Event = field(default_factory=threading.Event)
     cancelled: bool = False
-    slot: int = -1
-    length: int = 0  # tokens in the cache for this request
+    slot: int = -1  # its row of the engine's cache while active
     last: int = -1  # newest sampled token, not yet in the cache
     generator: torch.Generator | None = None
     _decoder: codecs.IncrementalDecoder = field(
@@ -110,52 +111,6 @@ class Request:
         return self._decoder.decode(chunk, final=final)
 
 
-class SlotCache:
-    """Keys and values of `slots` sequences in one buffer; each sequence has its own length.
-
-    Duck-types `model.gpt.KVCache` for `GPT.hidden_states` (`pos`, `update`): in prefill it writes one
-    slot's prompt; in a decode step it writes each row's new token at that row's own position and returns
-    every row's keys up to the longest row (the attention mask hides the rest).
-    """
-
-    def __init__(self, model: GPT, slots: int) -> None:
-        cfg = model.cfg
-        p = next(model.parameters())
-        shape = (cfg.n_layers, slots, cfg.n_heads, cfg.context_length, cfg.head_dim)
-        self.k = torch.zeros(shape, device=p.device, dtype=p.dtype)
-        self.v = torch.zeros(shape, device=p.device, dtype=p.dtype)
-        self.pos = 0
-        self._slot: int | None = None  # prefill: one slot
-        self._rows: torch.Tensor | None = None  # decode: slot per row
-        self._at: torch.Tensor | None = None  # decode: write position per row
-        self._width = 0
-
-    def prefill(self, slot: int) -> SlotCache:
-        self._slot, self._rows, self.pos = slot, None, 0
-        return self
-
-    def decode(self, rows: torch.Tensor, at: torch.Tensor, width: int) -> SlotCache:
-        self._slot, self._rows, self._at, self._width = None, rows, at, width
-        self.pos = width - 1
-        return self
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._slot is not None:
-            s, end = self._slot, self.pos + k.shape[2]
-            self.k[layer, s : s + 1, :, self.pos : end] = k
-            self.v[layer, s : s + 1, :, self.pos : end] = v
-            return self.k[layer, s : s + 1, :, :end], self.v[layer, s : s + 1, :, :end]
-        rows, at, w = self._rows, self._at, self._width
-        self.k[layer, rows, :, at] = k[:, :, 0]
-        self.v[layer, rows, :, at] = v[:, :, 0]
-        keys, values = self.k[layer, rows, :, :w], self.v[layer, rows, :, :w]  # gathered copies
-        # GPT's mask always lets a query see the key at its own index (w - 1); a shorter row's new token
-        # sits at `at` < w - 1, so the copies get it at w - 1 too and the mask hides index `at` instead.
-        keys[:, :, w - 1] = k[:, :, 0]
-        values[:, :, w - 1] = v[:, :, 0]
-        return keys, values
-
-
 class Engine:
     """Serve many generation requests with one model: bounded queue, bounded batch, one thread.
 
@@ -173,9 +128,8 @@ class Engine:
         self.context_length = model.cfg.context_length
         self.device = next(model.parameters()).device
         self._waiting: collections.deque[Request] = collections.deque()
-        self._active: list[Request] = []
-        self._free = list(range(max_batch - 1, -1, -1))
-        self._cache: SlotCache | None = None
+        self._active: list[Request] = []  # _active[i] holds cache row i
+        self._cache: KVCache | None = None
         self._cond = threading.Condition()
         self._ids = itertools.count(1)
         self._accepting = True
@@ -289,7 +243,10 @@ class Engine:
     def _loop(self) -> None:
         try:
             with torch.inference_mode():
-                self._cache = SlotCache(self.model, self.max_batch)
+                p = next(self.model.parameters())
+                self._cache = KVCache(
+                    self.model.cfg, self.max_batch, self.context_length, device=p.device, dtype=p.dtype
+                )
                 while True:
                     with self._cond:
                         self._drop_cancelled()
@@ -298,11 +255,11 @@ class Engine:
                         if not self._waiting and not self._active and not self._running:
                             return
                         joining = []
-                        while self._waiting and self._free:
+                        while self._waiting and len(self._active) < self.max_batch:
                             req = self._waiting.popleft()
-                            req.slot = self._free.pop()
+                            req.slot = len(self._active)
+                            self._active.append(req)
                             joining.append(req)
-                        self._active.extend(joining)
                     for req in joining:
                         self._prefill(req)
                     self._step()
@@ -326,10 +283,13 @@ class Engine:
             return
         req.finish_reason = reason
         self.finished[reason] += 1
-        if req in self._active:
-            self._active.remove(req)
-        if req.slot >= 0:
-            self._free.append(req.slot)
+        if req.slot >= 0:  # the last active row moves into the freed one
+            moved = self._active.pop()
+            if moved is not req:
+                self._active[req.slot] = moved
+                if self._cache is not None:
+                    self._cache.move(moved.slot, req.slot)
+                moved.slot = req.slot
             req.slot = -1
         delta = req._delta(final=True) if reason != "cancelled" else ""
         req.done.set()
@@ -349,36 +309,22 @@ class Engine:
         return int(sample_next(logits[None], p.temperature, None, p.top_p, req.generator)[0])
 
     def _prefill(self, req: Request) -> None:
-        ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.device)
-        h = self.model.hidden_states(ids, cache=self._cache.prefill(req.slot))
-        logits = self.model.lm_head(h[:, -1]).float()[0]
-        req.length = len(req.prompt_ids)
+        logits = prefill(self.model, self._cache, req.slot, [req.prompt_ids])[0]
         self._accept(req, self._sample(req, logits))
 
     def _step(self) -> None:
-        """One forward pass over the newest token of every active request."""
+        """One forward pass over the newest token of every active request (rows 0..n-1 of the cache)."""
         with self._cond:
             self._drop_cancelled()
             rows = list(self._active)
         if not rows:
             return
-        lengths = [r.length for r in rows]
-        width = max(lengths) + 1
-        dev = self.device
-        ids = torch.tensor([[r.last] for r in rows], dtype=torch.long, device=dev)
-        at = torch.tensor(lengths, dtype=torch.long, device=dev)
-        slots = torch.tensor([r.slot for r in rows], dtype=torch.long, device=dev)
-        mask = None
-        if min(lengths) != width - 1:  # rows of different lengths: each sees its history and itself
-            mask = torch.arange(width, device=dev)[None, :] < at[:, None]  # (see SlotCache.update)
-        cache = self._cache.decode(slots, at, width)
-        h = self.model.hidden_states(ids, attention_mask=mask, position_ids=at[:, None], cache=cache)
-        logits = self.model.lm_head(h[:, -1]).float()
+        ids = torch.tensor([r.last for r in rows], dtype=torch.long, device=self.device)
+        logits = decode_step(self.model, self._cache, ids)
         self.steps += 1
         self.max_rows_seen = max(self.max_rows_seen, len(rows))
         greedy = logits.argmax(-1).tolist()
         for i, r in enumerate(rows):
-            r.length += 1
             tok = greedy[i] if r.params.temperature == 0 else self._sample(r, logits[i])
             self._accept(r, tok)
 
