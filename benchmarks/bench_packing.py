@@ -101,6 +101,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
 
+    from gptforge.errors import GPTForgeError
     from gptforge.pipeline.runner import run_pipeline
     from gptforge.pipeline.stages import load_pipeline, stage_config
     from gptforge.pipeline.train import run_instruct
@@ -108,9 +109,13 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     pipe = load_pipeline(args.config, overrides=args.set, runs_dir=args.runs_dir)
-    log(f"pretrain stage in {pipe.root} (reused when done)")
-    run_pipeline(pipe, only="pretrain", log=lambda *a, **k: None)
-    base = stage_config(pipe, "instruct")
+    try:  # a finished pretrain stage is reused as it is (the runner would redo it after a code change)
+        base = stage_config(pipe, "instruct")
+        log(f"reusing the pretrain stage in {pipe.root}")
+    except GPTForgeError:
+        log(f"pretrain stage in {pipe.root}")
+        run_pipeline(pipe, only="pretrain", log=lambda *a, **k: None)
+        base = stage_config(pipe, "instruct")
     base.train.progress, base.train.plot = False, False
     variants = dict(parse_variant(v) for v in args.variant) if args.variant else DEFAULT_VARIANTS
     cfgs = {n: apply(base, s) for n, s in variants.items()}
