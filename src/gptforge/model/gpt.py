@@ -315,8 +315,13 @@ class GPT(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Final-LayerNorm hidden states (B, T, emb_dim)."""
+        """Final-LayerNorm hidden states (B, T, emb_dim).
+
+        `segment_ids` (B, T) packs several sequences into one row: a token attends only to earlier tokens
+        of its own segment, and (unless `position_ids` are given) positions restart at each segment.
+        """
         B, T = input_ids.shape
         ragged = cache.begin(B, T) if cache is not None else None
         past = cache.pos if cache is not None else 0
@@ -324,7 +329,13 @@ class GPT(nn.Module):
             raise ValueError(
                 f"sequence of {past + T} tokens exceeds context_length={self.cfg.context_length}"
             )
-        if ragged is not None:  # cached rows of different lengths, one new token each
+        if segment_ids is not None:
+            if cache is not None or attention_mask is not None:
+                raise ValueError("segment_ids (packed rows) take no cache and no attention_mask")
+            if position_ids is None:
+                position_ids = segment_positions(segment_ids)
+            mask = segment_mask(segment_ids)
+        elif ragged is not None:  # cached rows of different lengths, one new token each
             if attention_mask is not None:
                 raise ValueError("rows of different cached lengths take no attention_mask (the cache masks)")
             mask = cache.key_mask
@@ -332,8 +343,8 @@ class GPT(nn.Module):
                 position_ids = ragged
         else:
             mask = self._attention_mask(attention_mask, T, past, input_ids.device)
-            if position_ids is None:
-                position_ids = torch.arange(past, past + T, device=input_ids.device)[None, :]
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=input_ids.device)[None, :]
         x = self.tok_emb(input_ids) + self.pos_emb(position_ids)
         if self.training:
             x = self.drop(x)
@@ -359,10 +370,15 @@ class GPT(nn.Module):
         cache: KVCache | None = None,
         targets: torch.Tensor | None = None,
         reduction: str = "mean",
+        segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits; with `targets` (already shifted; IGNORE_INDEX ignored) the cross-entropy loss instead."""
-        h = self.hidden_states(input_ids, attention_mask, position_ids, cache)
+        h = self.hidden_states(input_ids, attention_mask, position_ids, cache, segment_ids)
         if self.score is not None:
+            if segment_ids is not None:
+                raise ValueError(
+                    "a classifier pools one sequence a row; packed rows (segment_ids) are for LMs"
+                )
             logits = self.score(self.pool(h, attention_mask))
             if targets is None:
                 return logits
@@ -370,6 +386,28 @@ class GPT(nn.Module):
         if targets is None:
             return self.lm_head(h)
         return lm_loss(h, self.lm_head.weight, targets, reduction=reduction)
+
+
+def segment_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean (B, 1, T, T) block-diagonal causal mask: query i sees key j <= i of the same segment.
+
+    Every query sees at least itself, so no row of the softmax is empty.
+    """
+    T = segment_ids.shape[1]
+    pos = torch.arange(T, device=segment_ids.device)
+    causal = pos[None, :] <= pos[:, None]
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (same & causal)[:, None]
+
+
+def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Positions that restart at 0 where the segment id changes (B, T)."""
+    B, T = segment_ids.shape
+    idx = torch.arange(T, device=segment_ids.device).expand(B, T)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - first
 
 
 def lm_loss(

@@ -267,6 +267,10 @@ class InstructDataConfig:
     """Truncate each padded example to this many tokens (null: the model's context length, 1024 for GPT-2)."""
     mask_prompt: bool = False
     """Compute the loss on the response tokens only."""
+    packing: bool = False
+    """Pack several training records into each row of up to max_length tokens (best-fit decreasing), with
+    attention blocked between records and positions restarting at each: no compute spent on padding, the
+    same loss per record. train.batch_size then counts packed rows, and steps per epoch follow the rows."""
     limit: int | None = None
     """Use only the first N examples of each split (quick runs, tests)."""
 

@@ -8,6 +8,7 @@ checkpoint dir (or, when stopped by a signal, the resumable checkpoint) and the 
 from __future__ import annotations
 
 import copy
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +164,8 @@ def run_instruct(cfg: InstructConfig) -> RunResult:
     """Causal LM on prompts formatted by a prompt style; saves prompt_style.json beside the model."""
     from gptforge.tasks.instruct import (
         InstructionCollator,
+        PackedInstructionCollator,
+        PackedRows,
         get_prompt_style,
         load_splits,
         tokenize_instruction,
@@ -190,14 +193,29 @@ def run_instruct(cfg: InstructConfig) -> RunResult:
         allowed_max_length=max_len,
         mask_prompt=d.mask_prompt,
     )
+    train_ds, train_collate = tok["train"], collate
+    run_config = _run_config("instruct", cfg, model)
+    if d.packing:  # training rows only; evaluation keeps one record a row (its losses are the same)
+        train_ds = PackedRows(train_ds, capacity=max_len, seed=cfg.train.seed)
+        train_collate = PackedInstructionCollator(
+            pad_token_id=model.cfg.eos_token_id, ignore_index=IGNORE_INDEX, mask_prompt=d.mask_prompt
+        )
+        run_config["packed_rows"] = len(train_ds)
+        if trainer.is_main:
+            print(
+                f"packing: {len(tok['train'])} records into {len(train_ds)} rows of <= {max_len} tokens "
+                f"({train_ds.fill():.1%} filled)",
+                file=sys.stderr,
+            )
     return trainer.fit(
         model,
-        tok["train"],
-        collate,
+        train_ds,
+        train_collate,
         tok["validation"] if len(tok["validation"]) else None,
         final_eval={"test": tok["test"]} if len(tok["test"]) else None,
-        run_config=_run_config("instruct", cfg, model),
+        run_config=run_config,
         metadata={"prompt_style.json": style.to_dict()},
+        eval_collate_fn=collate,
     )
 
 

@@ -205,6 +205,7 @@ class Trainer:
             attention_mask=batch.get("attention_mask"),
             targets=batch["targets"],
             reduction="sum",
+            **packing_inputs(batch),
         )
 
     def count_targets(self, batch: dict) -> torch.Tensor:
@@ -219,7 +220,8 @@ class Trainer:
             logits = model(x, attention_mask=mask).float()
             loss = F.cross_entropy(logits, y, reduction="none")
             return {"loss": loss, "count": torch.ones_like(loss), "correct": (logits.argmax(-1) == y).float()}
-        loss = model(x, attention_mask=mask, targets=y, reduction="none").view(y.shape[0], -1)
+        loss = model(x, attention_mask=mask, targets=y, reduction="none", **packing_inputs(batch))
+        loss = loss.view(y.shape[0], -1)
         return {"loss": loss.sum(1), "count": (y != IGNORE_INDEX).sum(1).float()}
 
     # -- public API -----------------------------------------------------------------------------------
@@ -786,6 +788,11 @@ def plain_model_from(cfg, sd: dict[str, torch.Tensor], source: str) -> GPT:
         sd.pop("lm_head.weight", None)
     load_weights_into(plain, sd, source=source)
     return plain
+
+
+def packing_inputs(batch: dict) -> dict[str, torch.Tensor]:
+    """`position_ids` and `segment_ids` of packed rows (`data.packing`); nothing for ordinary batches."""
+    return {k: batch[k] for k in ("position_ids", "segment_ids") if k in batch}
 
 
 def source_names_of(dataset) -> list[str] | None:

@@ -313,6 +313,112 @@ def _as_list(x) -> list[int]:
     return x.tolist() if isinstance(x, torch.Tensor) else list(x)
 
 
+# -- packing (padding-free finetuning) -------------------------------------------------------------------
+def pack_best_fit(lengths: Sequence[int], capacity: int, seed: int = 0) -> list[list[int]]:
+    """Best-fit decreasing: record indices grouped into rows whose lengths sum to at most `capacity`.
+
+    Longest first, each record goes to the open row it fills most tightly (the earliest such row on a
+    tie), else opens a new one. The seed only orders records of equal length, so which of them share
+    a row changes with the seed while the rows' lengths, and so the number of rows, do not.
+    Deterministic: the same lengths, capacity and seed give the same rows.
+    """
+    import bisect
+    import random
+
+    if capacity < 1:
+        raise ValueError(f"capacity={capacity}: must be positive")
+    order = list(range(len(lengths)))
+    random.Random(seed).shuffle(order)
+    order.sort(key=lambda i: -int(lengths[i]))  # stable: equal lengths keep the seeded order
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (space left, row index), sorted
+    for i in order:
+        n = int(lengths[i])
+        if n > capacity:
+            raise ValueError(f"record {i} has {n} tokens, more than capacity={capacity}; truncate first")
+        at = bisect.bisect_left(free, (n, -1))
+        if at < len(free):
+            space, r = free.pop(at)
+        else:
+            space, r = capacity, len(rows)
+            rows.append([])
+        rows[r].append(i)
+        if space - n > 0:
+            bisect.insort(free, (space - n, r))
+    return rows
+
+
+class PackedRows(torch.utils.data.Dataset):
+    """A map-style dataset of packed rows: item `i` is the list of records packed into row `i`.
+
+    Packed once (`pack_best_fit`, seeded) over all the split's records, so each epoch shows every record
+    exactly once and the sampler shuffles rows per epoch, resumable like any other dataset.
+    """
+
+    def __init__(self, records: Sequence[Mapping[str, Any]], capacity: int, seed: int = 0) -> None:
+        self.records = [
+            {"input_ids": _as_list(r["input_ids"]), "prompt_length": int(r.get("prompt_length", 0))}
+            for r in records
+        ]
+        self.capacity = capacity
+        self.rows = pack_best_fit([len(r["input_ids"]) for r in self.records], capacity, seed)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> list[dict[str, Any]]:
+        return [self.records[j] for j in self.rows[i]]
+
+    def fill(self) -> float:
+        """Real tokens over row capacity: 1 - the padding a full-width row would carry."""
+        used = sum(len(r["input_ids"]) for r in self.records)
+        return used / max(len(self.rows) * self.capacity, 1)
+
+
+class PackedInstructionCollator:
+    """Rows of several records each, with no padding between records (the batch pads rows to its longest).
+
+    Each record becomes exactly what `InstructionCollator` makes of it alone (inputs = its tokens, targets
+    = the next tokens then one <|endoftext|>, prompt targets ignored with `mask_prompt`), laid end to end.
+    `segment_ids` number the records of a row (padding is one more segment) and `position_ids` restart
+    at each record; the model blocks attention between segments, so each record's logits, loss and
+    gradients are those of the unpacked run.
+    """
+
+    def __init__(
+        self, pad_token_id: int = EOT_ID, ignore_index: int = IGNORE_INDEX, mask_prompt: bool = False
+    ) -> None:
+        self.pad_token_id, self.ignore_index, self.mask_prompt = pad_token_id, ignore_index, mask_prompt
+
+    def __call__(self, rows: list[list[Mapping[str, Any]]]) -> dict[str, torch.Tensor]:
+        width = max(sum(len(_as_list(r["input_ids"])) for r in row) for row in rows)
+        B = len(rows)
+        x = torch.full((B, width), self.pad_token_id, dtype=torch.long)
+        y = torch.full((B, width), self.ignore_index, dtype=torch.long)
+        pos = torch.zeros((B, width), dtype=torch.long)
+        seg = torch.zeros((B, width), dtype=torch.long)
+        for b, row in enumerate(rows):
+            at = 0
+            for k, rec in enumerate(row):
+                s = torch.as_tensor(_as_list(rec["input_ids"]), dtype=torch.long)
+                n = len(s)
+                x[b, at : at + n] = s
+                y[b, at : at + n - 1] = s[1:]
+                y[b, at + n - 1] = self.pad_token_id  # the one <|endoftext|> each record learns to end with
+                if self.mask_prompt:
+                    if "prompt_length" not in rec:
+                        raise DataError(
+                            "mask_prompt=True needs `prompt_length`; tokenize with tokenize_instruction"
+                        )
+                    y[b, at : at + max(int(rec["prompt_length"]) - 1, 0)] = self.ignore_index
+                pos[b, at : at + n] = torch.arange(n)
+                seg[b, at : at + n] = k
+                at += n
+            seg[b, at:] = len(row)  # the row's padding: a segment of its own, every target ignored
+            pos[b, at:] = torch.arange(width - at)
+        return {"input_ids": x, "targets": y, "position_ids": pos, "segment_ids": seg}
+
+
 # -- response extraction (evaluation) --------------------------------------------------------------------
 RESPONSE_HEADER = "### Response:"
 
