@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-all bench lint format clean
+.PHONY: setup demo test test-all bench bench-finetune lint format clean
 
 setup:
 	@bash scripts/setup_env.sh
@@ -20,6 +20,10 @@ test-all: setup
 
 bench: setup
 	$(PY) benchmarks/run.py
+
+# whole finetunes against the HF Trainer and TRL (about 12 minutes alone; not part of `make bench`)
+bench-finetune: setup
+	$(PY) benchmarks/run.py --only finetune
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
