@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-all bench bench-gpu lint format clean
+.PHONY: setup demo test test-all bench bench-gpu bench-finetune lint format clean
 
 setup:
 	@bash scripts/setup_env.sh
@@ -23,6 +23,9 @@ bench: setup
 
 bench-gpu: setup  # one CUDA GPU, under 8 minutes; exits 2 without one
 	$(PY) benchmarks/gpu.py
+# whole finetunes against the HF Trainer and TRL (about 12 minutes alone; not part of `make bench`)
+bench-finetune: setup
+	$(PY) benchmarks/run.py --only finetune
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -3,7 +3,9 @@
 Benchmarks: train (training step tokens/s and MFU), generate (KV-cache generation tokens/s), data
 (tokenize + pack MB/s), convert (from_hf / export seconds and memory), memory (training step peak),
 serve (`gptforge serve` vs `transformers serve --continuous-batching`: tokens/s, TTFT and latency at
-concurrency 1, 4 and 16; `--only serve` runs just that).
+concurrency 1, 4 and 16; `--only serve` runs just that), and,
+only when asked for (`--only finetune`, about 12 minutes alone), finetune: whole finetunes against the
+Hugging Face Trainer and TRL's SFTTrainer (real tokens/s per epoch at an equal validation result).
 Results go to benchmarks/results.json (merged with the benchmarks not run this time) and a table in
 benchmarks/RESULTS.md. Ratios are gptforge's advantage (> 1: gptforge is better), measured in one
 process with the two sides interleaved, so they survive a busy machine better than absolute numbers.
@@ -27,14 +29,19 @@ import torch  # noqa: E402
 from common import log, machine_info  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ("train", "generate", "data", "convert", "memory", "serve")
+BENCHMARKS = ("train", "generate", "data", "convert", "memory", "serve", "finetune")
+DEFAULT = ("train", "generate", "data", "convert", "memory", "serve")  # finetune is long: run it with --only
 SECTIONS = (*BENCHMARKS, "gpu")  # "gpu": rows that benchmarks/gpu.py merges into the same files
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small sizes and few repetitions (a few minutes)")
-    p.add_argument("--only", default=",".join(BENCHMARKS), help=f"comma-separated subset of {BENCHMARKS}")
+    p.add_argument(
+        "--only",
+        default=",".join(DEFAULT),
+        help=f"comma-separated subset of {BENCHMARKS} (default: {DEFAULT})",
+    )
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per case (after warm-up)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -114,6 +121,23 @@ def plan(args: argparse.Namespace, device: str) -> dict:
         requests={1: 2, 4: 4, 16: 16},
         reps=args.reps or 2,
     )
+    # The default pipeline's model (configs/default.yaml: cpu-small at 192 wide, 3 blocks, context 128)
+    # and its classify / instruct recipes, from a seeded initialisation; the whole SMS book split and the
+    # 935 instruction records. --quick: the first examples of each split, one epoch.
+    finetune = dict(
+        shape=dict(preset="cpu-small", emb_dim=192, n_layers=3, n_heads=3, context_length=128),
+        seed=123,
+        classify=dict(
+            epochs=1 if args.quick else 2,
+            batch_size=8,
+            lr=3e-4,
+            warmup_steps=10,
+            limit=160 if args.quick else None,
+        ),
+        instruct=dict(epochs=1, batch_size=8, lr=5e-4, warmup_steps=10, limit=120 if args.quick else None),
+        profile_steps=3 if args.quick else 8,
+        rounds=args.reps or 1,  # each finetune is minutes long: one round unless --reps asks for more
+    )
     return {
         "train": train,
         "generate": gen,
@@ -121,6 +145,7 @@ def plan(args: argparse.Namespace, device: str) -> dict:
         "convert": convert,
         "memory": memory,
         "serve": serve,
+        "finetune": finetune,
     }
 
 
@@ -208,6 +233,14 @@ def run_benchmarks(args: argparse.Namespace) -> tuple[dict, list[dict]]:
             device,
             seed=args.serve_seed,
         )
+    if "finetune" in args.only:
+        import bench_finetune as bf
+
+        if "matmul_peak" not in meta:
+            import bench_train as bt
+
+            meta["matmul_peak"] = {"fp32": bt.measure_matmul_peak(torch.float32, device)}
+        rows += bf.run(sizes["finetune"], meta["matmul_peak"])
 
     meta["load_average_end"] = list(os.getloadavg())
     meta["seconds"] = round(time.perf_counter() - t_start, 1)
@@ -298,6 +331,7 @@ def markdown(doc: dict) -> str:
         "memory": "Training step peak memory",
         "serve": "Serving: `gptforge serve` vs `transformers serve --continuous-batching` (streamed /v1/completions, greedy)",
         "gpu": "GPU: gpt2 124M training and generation (benchmarks/gpu.py)",
+        "finetune": "End-to-end finetunes (real tokens/s per training epoch, equal recipe and start)",
     }
     for bench in SECTIONS:
         rows = [r for r in doc["results"] if r["benchmark"] == bench]
@@ -469,10 +503,61 @@ def _details(r: dict) -> list[str]:
             f"transformers --cb-num-blocks {st.get('cb_num_blocks')} --cb-max-batch-tokens "
             f"{st.get('cb_max_batch_tokens')})"
         )
+    elif r["benchmark"] == "finetune":
+        out += _finetune_details(r)
     elif r["benchmark"] == "memory":
         out.append(
             f"- {r['case']}: resident before the step (weights, optimizer state) {r['resident_before_mib']}"
         )
+    return out
+
+
+def _finetune_details(r: dict) -> list[str]:
+    """Every run of the task (once per task), the sanity check and where gptforge's step spends its time."""
+    res = r["result"]
+    names = list(res)
+    out = [
+        f"- {r['case']}: {r['result_metric']} {res[names[0]]:.4g} / {res[names[1]]:.4g} "
+        f"(equal within tolerance: {r['result_equal']})"
+    ]
+    if not r.get("details"):
+        return out
+    out.append(
+        f"- {r['task']}: every run (training seconds per epoch are medians over epochs; padding = tokens "
+        "computed / real tokens; whole call: gptforge's includes data preparation, the final evaluation of "
+        "every split and the checkpoint, the baselines' only `train()`):"
+    )
+    out.append("")
+    out.append(
+        "  | run | s / epoch | real tokens/s | padding | steps | " + r["result_metric"] + " | whole call s |"
+    )
+    out.append("  |---|---:|---:|---:|---:|---:|---:|")
+    for name, s in r["runs"].items():
+        out.append(
+            f"  | {name} | {s['epoch_s_median']} | {_fmt(s['tokens_per_s'])} | {s['padding_overhead']}x | "
+            f"{s['steps']} | {s['result']:.4f} | {s['total_s']} |"
+        )
+    out.append("")
+    first = r["first_loss"]
+    out.append(
+        f"- {r['task']}: same start, same computation: losses of one batch before and after one AdamW step equal "
+        f"within 1e-4: {r['first_loss_equal']} ("
+        + "; ".join(f"{k} {', '.join(f'{x:.6f}' for x in v)}" for k, v in first.items())
+        + ")"
+    )
+    p = r.get("profile") or {}
+    if p:
+        share = ", ".join(f"{k} {_pct(v)}" for k, v in p["share"].items())
+        out.append(
+            f"- {r['task']}: gptforge's step alone (torch.profiler, {p['steps']} steps, {p['wall_s_per_step']} s "
+            f"each): {share} of CPU time; the matmuls run at {p['matmul_gflops']} GFLOP/s, "
+            f"{_pct(p['matmul_share_of_peak'])} of the measured peak; top ops: "
+            + ", ".join(f"{k} {_pct(v)}" for k, v in p["top_ops"][:5])
+        )
+    opts = r.get("options_present", {})
+    missing = [k for k, v in opts.items() if not v]
+    if missing:
+        out.append(f"- gptforge options not in this build (their rows are absent): {', '.join(missing)}")
     return out
 
 
