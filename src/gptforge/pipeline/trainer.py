@@ -244,11 +244,14 @@ class Trainer:
         run_config: dict | None = None,
         metadata: dict[str, dict] | None = None,
         eval_collate_fn=None,
+        train_lengths: list[int] | None = None,
     ) -> RunResult:
         """Train; returns the final gptforge checkpoint (or the resumable one if interrupted) and metrics.
 
         `final_eval` maps split names to datasets evaluated in full at the end (e.g. train/val/test
         accuracy); `metadata` maps extra JSON files (prompt_style.json, ...) saved beside the final model.
+        `train_lengths` (each training example's length) groups training batches by length
+        (`pipeline.sampler.LengthGroupedSampler`, seeded by train.seed and the epoch) instead of shuffling.
         """
         cfg, acc = self.cfg, self.accelerator
         self.run_config = run_config or {}
@@ -257,7 +260,14 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         acc.wait_for_everyone()
 
-        train_loader = self._loader(train_dataset, collate_fn, shuffle=True, drop_last=cfg.drop_last)
+        sampler = None
+        if train_lengths is not None:
+            from gptforge.pipeline.sampler import LengthGroupedSampler
+
+            sampler = LengthGroupedSampler(train_lengths, cfg.batch_size, cfg.seed)
+        train_loader = self._loader(
+            train_dataset, collate_fn, shuffle=sampler is None, drop_last=cfg.drop_last, sampler=sampler
+        )
         eval_collate = eval_collate_fn or collate_fn  # e.g. every target scored, where training samples them
         val_loader = self._loader(val_dataset, eval_collate) if val_dataset is not None else None
         self.val_sources = source_names_of(val_dataset)  # per-source validation loss, when it has sources
@@ -438,13 +448,16 @@ class Trainer:
         del acc._models[n_models:]  # its DTensors are saved by save_sharded, not by Accelerate's rank-0 save
         return model, optimizer, loaders[0], (loaders[1] if val_loader is not None else None)
 
-    def _loader(self, dataset, collate_fn, shuffle: bool = False, drop_last: bool = False):
+    def _loader(self, dataset, collate_fn, shuffle: bool = False, drop_last: bool = False, sampler=None):
         from torch.utils.data import DataLoader
 
+        # `sampler` (length-grouped) has a set_epoch that Accelerate's loader calls, as it does the
+        # seedable random sampler that `shuffle` becomes; both resume through skip_first_batches.
         return DataLoader(
             dataset,
             batch_size=self.cfg.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             drop_last=drop_last,
             collate_fn=collate_fn,
             num_workers=self.cfg.num_workers,

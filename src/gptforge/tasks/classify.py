@@ -502,14 +502,25 @@ def tokenize_classification(dsd, max_length: int | None, tokenizer=None, return_
     return (dsd, counts) if return_truncated else dsd
 
 
+def _length_column(ds):
+    import pyarrow.compute as pc
+
+    col = ds.with_format("arrow")[:]["input_ids"] if ds._indices is not None else ds.data.column("input_ids")
+    return pc.list_value_length(col)
+
+
 def longest_length(ds) -> int:
     """The longest `input_ids` in a tokenized split: what the reference pads every batch to."""
     import pyarrow.compute as pc
 
     if len(ds) == 0:
         raise DataError("longest_length: the split is empty")
-    col = ds.with_format("arrow")[:]["input_ids"] if ds._indices is not None else ds.data.column("input_ids")
-    return int(pc.max(pc.list_value_length(col)).as_py())
+    return int(pc.max(_length_column(ds)).as_py())
+
+
+def token_lengths(ds) -> list[int]:
+    """Every example's number of `input_ids` in a tokenized split (what length-grouped batching sorts by)."""
+    return [int(n) for n in _length_column(ds).to_pylist()] if len(ds) else []
 
 
 class ClassificationCollator:
