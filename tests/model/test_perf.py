@@ -201,3 +201,45 @@ def test_lm_loss_per_token_scores_only_target_positions_and_equals_the_plain_for
     assert bool((got.view(3, 7)[t == IGNORE_INDEX] == 0).all())
     torch.testing.assert_close(gh, h.grad)
     torch.testing.assert_close(gw, w.grad)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_single_row_copy_is_used_for_one_row_and_never_stale(bias):
+    """GPT.keep_single_row_copy: one-row inference runs x @ W.T over the (in, out) copy with F.linear's
+    values; more rows and autograd use the live weight, and a weight changed after the copy (an optimizer
+    step, a load) bypasses it, so the copy can never return stale numbers."""
+    from gptforge.model.config import GPTConfig
+    from gptforge.model.gpt import GPT, Linear
+
+    model = GPT(GPTConfig(vocab_size=64, context_length=16, emb_dim=48, n_heads=2, n_layers=1, qkv_bias=bias))
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert model.keep_single_row_copy() == sum(m.weight.numel() * 4 for m in linears)
+    lin = model.blocks[0].attn.qkv
+    assert lin.weight_t.shape == (lin.in_features, lin.out_features) and lin.weight_t.is_contiguous()
+    x = torch.randn(1, 1, lin.in_features)
+    with torch.no_grad():
+        out = lin(x)
+    torch.testing.assert_close(out, F.linear(x, lin.weight, lin.bias), atol=1e-5, rtol=1e-5)
+    # which path ran, shown by a copy that disagrees with the weight (same version counter)
+    lin.weight_t = torch.zeros_like(lin.weight_t)
+    bias_only = (
+        torch.zeros(1, 1, lin.out_features) if lin.bias is None else lin.bias.detach().expand(1, 1, -1)
+    )
+    x2 = torch.randn(1, 3, lin.in_features)
+    with torch.no_grad():
+        torch.testing.assert_close(lin(x), bias_only)  # one row: the copy
+        torch.testing.assert_close(lin(x2), F.linear(x2, lin.weight, lin.bias), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias))  # autograd: the weight
+    # an in-place change after the copy (what an optimizer step or load_state_dict does) bypasses it
+    with torch.no_grad():
+        lin.weight.mul_(-2.0)
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), atol=1e-5, rtol=1e-5)
+    # the whole model's logits for one token: equal with and without fresh copies
+    model.keep_single_row_copy()
+    ids = torch.randint(0, 64, (1, 1))
+    with torch.no_grad():
+        with_copy = model(ids)
+        model.keep_single_row_copy(False)
+        assert all(m.weight_t is None for m in linears)
+        without = model(ids)
+    torch.testing.assert_close(with_copy, without, atol=1e-5, rtol=1e-5)

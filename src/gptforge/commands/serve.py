@@ -28,7 +28,12 @@ def serve(argv: list[str]) -> int:
 
     key = args.api_key or os.environ.get(API_KEY_ENV) or None
     served = load_served(
-        args.model, device=args.device, name=args.name, max_batch=args.max_batch, max_queue=args.max_queue
+        args.model,
+        device=args.device,
+        name=args.name,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        single_row_copy=args.single_row_copy,
     )
     kind = (
         "classifier"
