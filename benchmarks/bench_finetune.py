@@ -688,6 +688,23 @@ def _rows(
     return rows
 
 
+def _annotate(new: list[dict], summ, first, real, shape, recipe, prof, opts) -> list[dict]:
+    """What every comparison row of one task carries; the first row prints the task's details."""
+    for row in new:
+        row.update(
+            runs=summ,
+            first_loss=first,
+            first_loss_equal=losses_equal(first),
+            real_tokens_per_epoch=real,
+            model_shape=shape,
+            recipe=dataclasses.asdict(recipe),
+            profile=prof,
+            options_present=opts,
+        )
+    new[0]["details"] = True
+    return new
+
+
 def run(sizes: dict, peaks: dict | None = None) -> list[dict]:
     """Classification and instruction finetunes, both tools, every option; one row per comparison.
 
@@ -745,19 +762,7 @@ def run(sizes: dict, peaks: dict | None = None) -> list[dict]:
                 ClassificationBatch(data, r.batch_size, i) for i in range(sizes.get("profile_steps", 6))
             ]
             prof = profile_gptforge_step(init, sample, "classify", r, peak)
-            for row in new:
-                row.update(
-                    runs=summ,
-                    first_loss=first,
-                    first_loss_equal=losses_equal(first),
-                    real_tokens_per_epoch=real,
-                    model_shape=shape,
-                    recipe=dataclasses.asdict(r),
-                    profile=prof,
-                    options_present=opts,
-                )
-            new[0]["details"] = True
-            rows += new
+            rows += _annotate(new, summ, first, real, shape, r, prof, opts)
             for v in runs.values():
                 v.pop("model", None)
         if "instruct" in sizes:
@@ -807,19 +812,7 @@ def run(sizes: dict, peaks: dict | None = None) -> list[dict]:
             )
             sample = [InstructionBatch(data, r.batch_size, i) for i in range(sizes.get("profile_steps", 6))]
             prof = profile_gptforge_step(init, sample, "lm", r, peak)
-            for row in new:
-                row.update(
-                    runs=summ,
-                    first_loss=first,
-                    first_loss_equal=losses_equal(first),
-                    real_tokens_per_epoch=real,
-                    model_shape=shape,
-                    recipe=dataclasses.asdict(r),
-                    profile=prof,
-                    options_present=opts,
-                )
-            new[0]["details"] = True
-            rows += new
+            rows += _annotate(new, summ, first, real, shape, r, prof, opts)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return rows

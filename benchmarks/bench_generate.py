@@ -10,6 +10,7 @@ load; a profile of gptforge's decoding steps says where the time above the floor
 from __future__ import annotations
 
 import collections
+import copy
 import time
 
 import torch
@@ -25,7 +26,8 @@ from gptforge.model.hf import to_hf
 def _floor_forms(model: GPT, B: int, device: str) -> dict:
     """The weight matmuls of one decoding step (every block's four Linear layers and the LM head, batch
     B, one token per row) in three forms of the same product: F.linear(x, W), (W @ x.T).T, and x @ W.T
-    with W.T copied contiguous beforehand (a second copy of every weight, which neither side keeps)."""
+    with W.T copied contiguous beforehand (a second copy of every weight: the serve engine keeps one on a
+    CPU for steps with one active request, `GPT.keep_single_row_copy`; generate() and transformers do not)."""
     mods = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     xs = {m.in_features: torch.randn(B, m.in_features, device=device) for m in mods}
     weights = [m.weight.detach() for m in mods]
@@ -157,7 +159,9 @@ def run(
         floor_s, form, forms = matmul_floor_seconds(model, B, device)
         own_form = "linear" if B == 1 or device != "cpu" else "w_xt"  # gptforge.model.gpt.Linear
         floor_fn = _floor_forms(model, B, device)[form]
-        engine = Engine(model, tokenizer, max_batch=B, max_queue=0).start()
+        # the engine keeps its single-row weight copies on its own model, so generate() below runs the
+        # weights exactly as a user's generate() call does (no copies)
+        engine = Engine(copy.deepcopy(model), tokenizer, max_batch=B, max_queue=0).start()
 
         def served(n, plist=plist, engine=engine):
             reqs = [engine.submit(p, SamplingParams(max_tokens=n, eos_ids=())) for p in plist]

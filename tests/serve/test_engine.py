@@ -49,18 +49,24 @@ def test_16_concurrent_greedy_requests_equal_each_alone(tiny_lm):
     assert engine.steps < sum(lengths) // 4
 
 
-def test_requests_joining_a_running_batch_equal_each_alone(tiny_lm):
-    """Seven requests, three slots: each waiting one joins the running batch when a slot frees up."""
-    ids = [TOK.encode(p) for p in PROMPTS[:7]]
-    lengths = [10, 25, 40, 12, 30, 8, 20]
-    alone = [generate(tiny_lm, [p], max_new_tokens=n, eos_token_id=None)[0] for p, n in zip(ids, lengths)]
-    engine = Engine(tiny_lm, TOK, max_batch=3, max_queue=8)
+def _through_three_rows(model, ids: list[list[int]], lengths: list[int]):
+    """Each prompt alone through generate(), then all of them through an engine with three rows."""
+    alone = [generate(model, [p], max_new_tokens=n, eos_token_id=None)[0] for p, n in zip(ids, lengths)]
+    engine = Engine(model, TOK, max_batch=3, max_queue=8)
     reqs = [engine.submit(p, SamplingParams(max_tokens=n, eos_ids=())) for p, n in zip(ids, lengths)]
     engine.start()
     try:
         assert wait_all(reqs, 60)
     finally:
         engine.stop()
+    return engine, reqs, alone
+
+
+def test_requests_joining_a_running_batch_equal_each_alone(tiny_lm):
+    """Seven requests, three slots: each waiting one joins the running batch when a slot frees up."""
+    ids = [TOK.encode(p) for p in PROMPTS[:7]]
+    lengths = [10, 25, 40, 12, 30, 8, 20]
+    engine, reqs, alone = _through_three_rows(tiny_lm, ids, lengths)
     assert [r.tokens for r in reqs] == alone
     assert engine.max_rows_seen == 3
     assert engine.steps < sum(lengths) / 2
@@ -79,14 +85,7 @@ def test_rows_refilled_and_reused_equal_each_alone(tiny_lm, monkeypatch):
     )
     ids = [TOK.encode(p) for p in (PROMPTS[6], PROMPTS[0], PROMPTS[2], PROMPTS[13], PROMPTS[4], PROMPTS[1])]
     lengths = [40, 3, 30, 5, 12, 20]  # the short ones leave first, from rows 1 and then 0
-    alone = [generate(tiny_lm, [p], max_new_tokens=n, eos_token_id=None)[0] for p, n in zip(ids, lengths)]
-    engine = Engine(tiny_lm, TOK, max_batch=3, max_queue=8)
-    reqs = [engine.submit(p, SamplingParams(max_tokens=n, eos_ids=())) for p, n in zip(ids, lengths)]
-    engine.start()
-    try:
-        assert wait_all(reqs, 60)
-    finally:
-        engine.stop()
+    engine, reqs, alone = _through_three_rows(tiny_lm, ids, lengths)
     assert [r.tokens for r in reqs] == alone
     assert any(src != dst for src, dst in moves)  # a running request really moved to another row
     assert engine.load["running"] == 0
