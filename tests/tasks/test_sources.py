@@ -2,6 +2,7 @@
 
 import hashlib
 import http.server
+import os
 import shutil
 import threading
 import zipfile
@@ -113,6 +114,28 @@ def test_download_with_wrong_hash_is_rejected_and_leaves_nothing(no_data_env, tm
     ):
         resolve("the-verdict", url=bad.as_uri())
     assert _files_under(no_data_env / "data") == ["text"]
+
+
+def test_download_removes_what_a_killed_download_left(no_data_env, shared_data_dir, tmp_path):
+    """A download killed with -9 leaves its `.NAME.tmp-PID-*` dir; the next download of that file removes
+    it (its writer is gone) and leaves a live writer's temp and other files alone."""
+    import subprocess
+
+    cache = no_data_env / "data" / "text"
+    cache.mkdir(parents=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = cache / f".the-verdict.txt.tmp-{dead.pid}-abcdef"
+    (stale / "download").parent.mkdir()
+    (stale / "download").write_bytes(b"half a file")
+    live = cache / f".the-verdict.txt.tmp-{os.getpid()}-123456"
+    live.mkdir()
+    other = cache / f".notes.txt.tmp-{dead.pid}-abcdef"
+    other.write_text("another file's temp")
+    src = tmp_path / "verdict.txt"
+    shutil.copy(shared_data_dir / "text" / "the-verdict.txt", src)
+    assert resolve("the-verdict", url=src.as_uri()) == cache / "the-verdict.txt"
+    assert not stale.exists() and live.exists() and other.exists()
 
 
 def test_corrupt_cache_copy_is_refused(no_data_env):

@@ -15,7 +15,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from gptforge.errors import DataError
-from gptforge.io import record_read, sha256_file
+from gptforge.io import clean_stale_temps, record_read, sha256_file, temp_path
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +221,9 @@ def download(source: DataSource, dest: Path, url: str | None = None) -> Path:
             f"{source.file} under $GPTFORGE_DATA_DIR or unset GPTFORGE_OFFLINE to download {url}"
         )
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{dest.name}.download-", dir=dest.parent))
+    clean_stale_temps(dest.parent, dest.name)  # what a killed download of this file left
+    tmp_dir = temp_path(dest)  # `.NAME.tmp-PID-*`: a kill -9 here leaves what the next call removes
+    tmp_dir.mkdir()
     try:
         fetched = tmp_dir / "download"
         _fetch(url, fetched, desc=source.name)
