@@ -368,6 +368,23 @@ def instruct_val_loss(hf, ds, max_len: int, batch_size: int = 16) -> float:
 
 
 # -- the baselines -------------------------------------------------------------------------------------------
+
+
+def train_timed(trainer, marks: dict, counter: dict, hf) -> dict:
+    """Run a Trainer / SFTTrainer built with `epoch_callback(marks)` and `trainer_class(..., counter)`:
+    its epoch times, whole `train()` time, steps and processed tokens, and the trained model."""
+    t0 = time.perf_counter()
+    trainer.train()
+    total = time.perf_counter() - t0
+    return {
+        "epoch_s": [e - s for s, e in zip(marks["start"], marks["end"])],
+        "total_s": total,
+        "steps": trainer.state.global_step,
+        "processed_tokens": counter.get("processed"),
+        "model": hf.eval(),
+    }
+
+
 def run_hf_classify(init: GPT, data: dict, r: Recipe, seed: int, group: bool, out: Path) -> dict:
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
@@ -393,16 +410,7 @@ def run_hf_classify(init: GPT, data: dict, r: Recipe, seed: int, group: bool, ou
         data_collator=DataCollatorWithPadding(tok),
         callbacks=[epoch_callback(marks)],
     )
-    t0 = time.perf_counter()
-    trainer.train()
-    total = time.perf_counter() - t0
-    return {
-        "epoch_s": [e - s for s, e in zip(marks["start"], marks["end"])],
-        "total_s": total,
-        "steps": trainer.state.global_step,
-        "processed_tokens": counter.get("processed"),
-        "model": hf.eval(),
-    }
+    return train_timed(trainer, marks, counter, hf)
 
 
 TRL_MODES = {
@@ -443,17 +451,7 @@ def run_trl(init: GPT, data: dict, r: Recipe, seed: int, mode: str, out: Path) -
         processing_class=tok,
         callbacks=[epoch_callback(marks)],
     )
-    t0 = time.perf_counter()
-    trainer.train()
-    total = time.perf_counter() - t0
-    return {
-        "epoch_s": [e - s for s, e in zip(marks["start"], marks["end"])],
-        "total_s": total,
-        "steps": trainer.state.global_step,
-        "processed_tokens": counter.get("processed"),
-        "model": hf.eval(),
-        "rows": len(trainer.train_dataset),
-    }
+    return {**train_timed(trainer, marks, counter, hf), "rows": len(trainer.train_dataset)}
 
 
 # -- sanity: the same computation on both sides ---------------------------------------------------------------

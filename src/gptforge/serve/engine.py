@@ -125,7 +125,7 @@ class Engine:
             raise ValueError(f"max_batch={max_batch} must be >= 1 and max_queue={max_queue} >= 0")
         self.model = model.eval()
         # one active request: its steps' weight products over (in, out) copies (GPT.keep_single_row_copy)
-        self.copy_bytes = model.keep_single_row_copy(single_row_copy)
+        model.keep_single_row_copy(single_row_copy)
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_queue = max_queue
