@@ -243,3 +243,55 @@ def test_single_row_copy_is_used_for_one_row_and_never_stale(bias):
         assert all(m.weight_t is None for m in linears)
         without = model(ids)
     torch.testing.assert_close(with_copy, without, atol=1e-5, rtol=1e-5)
+
+
+# -- a classifier's last block works on the pooled position only ------------------------------------------
+def _full_classifier_loss(model: GPT, ids, mask, targets):
+    """The plain classifier: every position through every block, then pool the last real token."""
+    h = model.hidden_states(ids, mask)
+    return F.cross_entropy(model.score(model.pool(h, mask)).float(), targets, reduction="sum")
+
+
+@pytest.mark.parametrize("padding", ["none", "right", "left"])
+@pytest.mark.parametrize("n_layers", [1, 3])
+def test_classifier_pooled_last_block_equals_the_full_forward(padding, n_layers):
+    """Logits, loss and every parameter's gradient equal the full forward's (within 1e-5): the last block
+    computes the attention output and MLP of the pooled position only (`GPT.forward`, `at`)."""
+    torch.manual_seed(0)
+    cfg = GPTConfig.from_preset("test-tiny", vocab_size=60, n_layers=n_layers, num_labels=3)
+    model = GPT(cfg).train()  # dropout 0 in test-tiny: training and evaluation compute the same
+    ids = torch.randint(0, 60, (4, 11))
+    lengths = [11, 7, 3, 1]
+    if padding == "none":
+        mask = None
+    elif padding == "right":
+        mask = torch.tensor([[1] * n + [0] * (11 - n) for n in lengths])
+    else:
+        mask = torch.tensor([[0] * (11 - n) + [1] * n for n in lengths])
+    targets = torch.tensor([0, 2, 1, 2])
+    ref = _full_classifier_loss(model, ids, mask, targets)
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()), allow_unused=True)
+    out = model(ids, attention_mask=mask, targets=targets, reduction="sum")
+    grads = torch.autograd.grad(out, list(model.parameters()), allow_unused=True)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for (name, _), g, rg in zip(model.named_parameters(), grads, ref_grads):
+        if rg is None:
+            assert g is None or not g.any(), name
+            continue
+        torch.testing.assert_close(g, rg, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask)
+        full = model.score(model.pool(model.hidden_states(ids, mask), mask))
+    torch.testing.assert_close(logits, full, atol=1e-5, rtol=1e-5)
+
+
+def test_classifier_last_block_skips_the_unpooled_positions():
+    """The point of the pooled path: the last block's MLP sees one row per sequence, not every position."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("test-tiny", vocab_size=60, n_layers=2, num_labels=2)).eval()
+    seen = []
+    model.blocks[-1].mlp.fc.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
+    model.blocks[0].mlp.fc.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
+    with torch.no_grad():
+        model(torch.randint(0, 60, (3, 9)))
+    assert seen == [(3, 9, 32), (3, 1, 32)]

@@ -191,12 +191,23 @@ class CausalSelfAttention(nn.Module):
         mask: torch.Tensor | None,
         cache: KVCache | None = None,
         layer: int = 0,
+        at: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """(B, T, C) outputs; with `at` (B,) only the query at position `at[b]` of each row: (B, 1, C)."""
         B, T, C = x.shape
         # (B, heads, T, head_dim) views of the fused projection (3 ops, not 7: decoding runs this per layer)
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if cache is not None:
             k, v = cache.update(layer, k, v)
+        if at is not None:  # one query a row; its row of the mask (causal: keys up to `at`)
+            q = q.gather(2, at.view(B, 1, 1, 1).expand(B, self.n_heads, 1, self.head_dim))
+            if mask is None:
+                mask = (torch.arange(T, device=x.device)[None, :] <= at[:, None])[:, None, None, :]
+            else:
+                mask = mask.expand(B, 1, T, mask.shape[-1]).gather(
+                    2, at.view(B, 1, 1, 1).expand(B, 1, 1, mask.shape[-1])
+                )
+            T = 1
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -233,8 +244,14 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.emb_dim, eps=cfg.layer_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, mask=None, cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), mask, cache, layer)
+    def forward(self, x, mask=None, cache=None, layer=0, at=None):
+        """(B, T, C); with `at` (B,) the output at position `at[b]` of each row only, (B, 1, C): the keys
+        and values of every position are still computed, the rest (projection, MLP) for that row alone."""
+        if at is None:
+            x = x + self.attn(self.ln_1(x), mask, cache, layer)
+        else:
+            picked = x.gather(1, at.view(-1, 1, 1).expand(-1, 1, x.shape[-1]))
+            x = picked + self.attn(self.ln_1(x), mask, cache, layer, at=at)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -362,11 +379,14 @@ class GPT(nn.Module):
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         segment_ids: torch.Tensor | None = None,
+        at: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final-LayerNorm hidden states (B, T, emb_dim).
 
         `segment_ids` (B, T) packs several sequences into one row: a token attends only to earlier tokens
         of its own segment, and (unless `position_ids` are given) positions restart at each segment.
+        `at` (B,): only the hidden state at position `at[b]` of each row is wanted, (B, 1, emb_dim); the
+        last block then computes the rest of its work (attention output, MLP) for those positions alone.
         """
         B, T = input_ids.shape
         ragged = cache.begin(B, T) if cache is not None else None
@@ -394,19 +414,28 @@ class GPT(nn.Module):
         x = self.tok_emb(input_ids) + self.pos_emb(position_ids)
         if self.training:
             x = self.drop(x)
+        last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            x = block(x, mask, cache, i)
+            x = block(x, mask, cache, i) if at is None or i < last else block(x, mask, cache, i, at=at)
+        if at is not None and not len(self.blocks):
+            x = x.gather(1, at.view(-1, 1, 1).expand(-1, 1, x.shape[-1]))
         if cache is not None:
             cache.advance(T)
         return self.ln_f(x)
 
     def pool(self, h: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Hidden state of the last non-padding token (rightmost position whose mask is 1)."""
+        return h[
+            torch.arange(h.shape[0], device=h.device), self.pooled_positions(h.shape[:2], attention_mask)
+        ]
+
+    @staticmethod
+    def pooled_positions(shape: tuple[int, int], attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """(B,) position a classifier pools in each row: the rightmost whose mask is 1 (the last token)."""
+        B, T = shape
         if attention_mask is None:
-            return h[:, -1]
-        T = attention_mask.shape[1]
-        last = T - 1 - attention_mask.flip(-1).to(torch.long).argmax(-1)
-        return h[torch.arange(h.shape[0], device=h.device), last]
+            return torch.full((B,), T - 1, dtype=torch.long)
+        return T - 1 - attention_mask.flip(-1).to(torch.long).argmax(-1)
 
     def forward(
         self,
@@ -419,16 +448,22 @@ class GPT(nn.Module):
         segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits; with `targets` (already shifted; IGNORE_INDEX ignored) the cross-entropy loss instead."""
-        h = self.hidden_states(input_ids, attention_mask, position_ids, cache, segment_ids)
         if self.score is not None:
             if segment_ids is not None:
                 raise ValueError(
                     "a classifier pools one sequence a row; packed rows (segment_ids) are for LMs"
                 )
-            logits = self.score(self.pool(h, attention_mask))
+            # only the pooled token's hidden state is used: the last block computes its attention output
+            # and MLP for that position alone (a quarter of its work; same logits, see `pool`)
+            at = None
+            if cache is None:
+                at = self.pooled_positions(input_ids.shape, attention_mask).to(input_ids.device)
+            h = self.hidden_states(input_ids, attention_mask, position_ids, cache, at=at)
+            logits = self.score(h[:, 0] if at is not None else self.pool(h, attention_mask))
             if targets is None:
                 return logits
             return F.cross_entropy(logits.float(), targets, reduction=reduction)
+        h = self.hidden_states(input_ids, attention_mask, position_ids, cache, segment_ids)
         if targets is None:
             return self.lm_head(h)
         return lm_loss(h, self.lm_head.weight, targets, reduction=reduction)
