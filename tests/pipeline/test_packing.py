@@ -9,7 +9,9 @@ import signal
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+import gptforge.model.gpt as gpt_module
 from gptforge.model.config import IGNORE_INDEX, GPTConfig
 from gptforge.model.gpt import GPT, segment_mask, segment_positions
 from gptforge.model.lora import LoRAConfig, apply_lora
@@ -139,7 +141,8 @@ def grads(model: GPT) -> dict[str, torch.Tensor]:
 
 def plain_summed_loss(model: GPT, batch: dict) -> torch.Tensor:
     """The summed cross-entropy in the model's own dtype (float64 here), from full logits."""
-    logits = model(batch["input_ids"], **{k: batch[k] for k in ("position_ids", "segment_ids") if k in batch})
+    packed = ("position_ids", "segment_ids", "cu_seqlens")
+    logits = model(batch["input_ids"], **{k: batch[k] for k in packed if k in batch})
     return torch.nn.functional.cross_entropy(
         logits.flatten(0, 1), batch["targets"].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
@@ -288,3 +291,79 @@ def test_run_instruct_with_packing_counts_rows(data_env, tmp_path, capsys):
     assert run["steps_per_epoch"] == rows // 4
     # evaluation is unpacked either way: the same records, the same kind of number
     assert math.isfinite(on.metrics["val_loss"]) and math.isfinite(on.metrics["test_loss"])
+
+
+# -- CUDA's varlen kernel: the segment bookkeeping (CPU), the kernel itself (GPU) ----------------------------
+def test_collator_lists_every_segment_start_of_the_flattened_batch():
+    rows = [[{"input_ids": [1, 2, 3]}, {"input_ids": [4, 5]}], [{"input_ids": [6, 7, 8, 9]}]]
+    batch = PackedInstructionCollator(pad_token_id=0)(rows)
+    # row 0: records at 0 and 3, no padding (width 5); row 1: a record at 5, its padding (one token) at 9
+    assert batch["segment_ids"].tolist() == [[0, 0, 0, 1, 1], [0, 0, 0, 0, 1]]
+    assert batch["cu_seqlens"].tolist() == [0, 3, 5, 9, 10]
+    assert batch["cu_seqlens"].dtype == torch.int32
+    # a row whose records share an id with the row before still starts a segment of its own
+    assert gpt_module.cu_seqlens_of(torch.tensor([[0, 0], [0, 0]])).tolist() == [0, 2, 4]
+
+
+def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, window_size=(-1, -1)):
+    """torch's varlen_attn semantics on the CPU: each [cu[i], cu[i+1]) slice attends to itself, causally."""
+    assert window_size == (-1, 0) and max_q >= int((cu_q[1:] - cu_q[:-1]).max())
+    out = torch.empty_like(q)
+    for s, e in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+        qs, ks, vs = (t[s:e].transpose(0, 1) for t in (q, k, v))  # (heads, L, head_dim)
+        out[s:e] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True).transpose(0, 1)
+    return out
+
+
+def test_varlen_route_computes_what_the_block_diagonal_mask_does(monkeypatch):
+    """With the varlen route forced on the CPU (its kernel replaced by a per-segment reference with its
+    call signature), the packed batch's loss and every gradient equal the masked route's within 1e-5: the
+    flattening, the `cu_seqlens` and the output layout are right. The kernel itself runs in the GPU test."""
+    model = tiny()
+    rows = PackedRows(records(12, 2), capacity=32, seed=0)
+    batch = PackedInstructionCollator(pad_token_id=0, mask_prompt=True)([rows[i] for i in range(len(rows))])
+    calls = []
+
+    def kernel(*a, **kw):
+        calls.append(a[3])
+        return _reference_varlen(*a, **kw)
+
+    out = {}
+    for route in ("mask", "varlen"):
+        if route == "varlen":
+            monkeypatch.setattr(gpt_module, "varlen_applies", lambda device, dtype: True)
+            monkeypatch.setattr(gpt_module, "varlen_kernel", lambda: kernel)
+        model.zero_grad(set_to_none=True)
+        loss = plain_summed_loss(model, batch)
+        loss.backward()
+        out[route] = (loss.item(), grads(model), len(calls))
+    assert out["mask"][2] == 0 and out["varlen"][2] == model.cfg.n_layers
+    assert out["varlen"][0] == pytest.approx(out["mask"][0], abs=1e-5)
+    for name, g in out["mask"][1].items():
+        torch.testing.assert_close(out["varlen"][1][name], g, atol=1e-5, rtol=0, msg=name)
+
+
+@pytest.mark.gpu
+def test_varlen_kernel_on_cuda_equals_the_masked_route():
+    """On a GPU in bf16: the packed forward through torch's varlen flash kernel (what training takes there)
+    equals the block-diagonal SDPA route it replaces, loss and gradients within bf16 rounding."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = tiny().float().cuda()
+    rows = PackedRows(records(12, 2), capacity=32, seed=0)
+    batch = PackedInstructionCollator(pad_token_id=0, mask_prompt=True)([rows[i] for i in range(len(rows))])
+    batch = {k: v.cuda() for k, v in batch.items()}
+    assert gpt_module.varlen_applies(batch["input_ids"].device, torch.bfloat16)
+    out = {}
+    for route in ("mask", "varlen"):
+        kw = {k: batch[k] for k in ("position_ids", "segment_ids")}
+        if route == "varlen":
+            kw["cu_seqlens"] = batch["cu_seqlens"]
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(batch["input_ids"], targets=batch["targets"], reduction="sum", **kw)
+        loss.backward()
+        out[route] = (loss.item(), grads(model))
+    assert out["varlen"][0] == pytest.approx(out["mask"][0], rel=2e-2)
+    for name, g in out["mask"][1].items():
+        torch.testing.assert_close(out["varlen"][1][name], g, atol=2e-2, rtol=5e-2, msg=name)

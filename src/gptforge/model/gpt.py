@@ -29,6 +29,39 @@ def _version_of(t: torch.Tensor) -> int | None:
         return None
 
 
+def varlen_kernel():
+    """torch's variable-length (flash) attention, or None where this torch has none."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # older torch
+        return None
+    return varlen_attn
+
+
+def varlen_applies(device: torch.device, dtype: torch.dtype) -> bool:
+    """Packed rows take the varlen kernel: on CUDA, in half precision (the flash kernel's dtypes)."""
+    return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and varlen_kernel() is not None
+
+
+class Varlen:
+    """Packed rows for `varlen_kernel`: the (n + 1,) int32 starts of the n segments of the flattened batch
+    (`cu_seqlens`, made by the collator on the host, so no step waits for the device to count them) and a
+    bound on their length (the row width: the kernel needs a bound, not the exact longest)."""
+
+    def __init__(self, cu_seqlens: torch.Tensor, max_len: int) -> None:
+        self.cu_seqlens, self.max_len = cu_seqlens, max_len
+
+
+def cu_seqlens_of(segment_ids: torch.Tensor) -> torch.Tensor:
+    """(n + 1,) int32 start of each segment of the flattened (B, T) batch, then B * T: a segment is a run of
+    one id within a row (each row starts a new one). What a collator hands `GPT.forward(cu_seqlens=...)`."""
+    B, T = segment_ids.shape
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    idx = starts.reshape(-1).nonzero().flatten()
+    return torch.cat([idx, idx.new_tensor([B * T])]).to(torch.int32)
+
+
 class Linear(nn.Linear):
     """nn.Linear with a faster kernel choice for few rows in CPU inference; same parameters, same math.
 
@@ -199,6 +232,12 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if cache is not None:
             k, v = cache.update(layer, k, v)
+        if isinstance(mask, Varlen):  # packed rows on CUDA: flash attention over each segment, causal
+            flat = [t.transpose(1, 2).reshape(B * T, self.n_heads, self.head_dim) for t in (q, k, v)]
+            y = varlen_kernel()(
+                *flat, mask.cu_seqlens, mask.cu_seqlens, mask.max_len, mask.max_len, window_size=(-1, 0)
+            )
+            return self.resid_drop(self.proj(y.reshape(B, T, C)))
         if at is not None:  # one query a row; its row of the mask (causal: keys up to `at`)
             q = q.gather(2, at.view(B, 1, 1, 1).expand(B, self.n_heads, 1, self.head_dim))
             if mask is None:
@@ -380,11 +419,15 @@ class GPT(nn.Module):
         cache: KVCache | None = None,
         segment_ids: torch.Tensor | None = None,
         at: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final-LayerNorm hidden states (B, T, emb_dim).
 
         `segment_ids` (B, T) packs several sequences into one row: a token attends only to earlier tokens
-        of its own segment, and (unless `position_ids` are given) positions restart at each segment.
+        of its own segment, and (unless `position_ids` are given) positions restart at each segment. With
+        `cu_seqlens` (`cu_seqlens_of(segment_ids)`) attention runs torch's varlen flash kernel where it
+        applies (`varlen_applies`: CUDA, half precision, no attention dropout), else the block-diagonal
+        mask through SDPA; both compute the same.
         `at` (B,): only the hidden state at position `at[b]` of each row is wanted, (B, 1, emb_dim); the
         last block then computes the rest of its work (attention output, MLP) for those positions alone.
         """
@@ -400,7 +443,16 @@ class GPT(nn.Module):
                 raise ValueError("segment_ids (packed rows) take no cache and no attention_mask")
             if position_ids is None:
                 position_ids = segment_positions(segment_ids)
-            mask = segment_mask(segment_ids)
+            dtype = self.tok_emb.weight.dtype
+            if torch.is_autocast_enabled(input_ids.device.type):
+                dtype = torch.get_autocast_dtype(input_ids.device.type)
+            attn_dropout = self.training and self.cfg.dropout > 0
+            if cu_seqlens is not None and not attn_dropout and varlen_applies(input_ids.device, dtype):
+                mask = Varlen(cu_seqlens.to(input_ids.device, torch.int32, non_blocking=True), T)
+            else:
+                mask = segment_mask(segment_ids)
+        elif cu_seqlens is not None:
+            raise ValueError("cu_seqlens describes packed rows: give their segment_ids too")
         elif ragged is not None:  # cached rows of different lengths, one new token each
             if attention_mask is not None:
                 raise ValueError("rows of different cached lengths take no attention_mask (the cache masks)")
@@ -446,10 +498,13 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         reduction: str = "mean",
         segment_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits; with `targets` (already shifted; IGNORE_INDEX ignored) the cross-entropy loss instead."""
+        """Logits; with `targets` (already shifted; IGNORE_INDEX ignored) the cross-entropy loss instead.
+
+        Packed rows: `segment_ids` (and, for the varlen kernel on CUDA, `cu_seqlens`; see `hidden_states`)."""
         if self.score is not None:
-            if segment_ids is not None:
+            if segment_ids is not None or cu_seqlens is not None:
                 raise ValueError(
                     "a classifier pools one sequence a row; packed rows (segment_ids) are for LMs"
                 )
@@ -463,7 +518,9 @@ class GPT(nn.Module):
             if targets is None:
                 return logits
             return F.cross_entropy(logits.float(), targets, reduction=reduction)
-        h = self.hidden_states(input_ids, attention_mask, position_ids, cache, segment_ids)
+        h = self.hidden_states(
+            input_ids, attention_mask, position_ids, cache, segment_ids, cu_seqlens=cu_seqlens
+        )
         if targets is None:
             return self.lm_head(h)
         return lm_loss(h, self.lm_head.weight, targets, reduction=reduction)

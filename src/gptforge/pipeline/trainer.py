@@ -804,8 +804,9 @@ def plain_model_from(cfg, sd: dict[str, torch.Tensor], source: str) -> GPT:
 
 
 def packing_inputs(batch: dict) -> dict[str, torch.Tensor]:
-    """`position_ids` and `segment_ids` of packed rows (`data.packing`); nothing for ordinary batches."""
-    return {k: batch[k] for k in ("position_ids", "segment_ids") if k in batch}
+    """`position_ids`, `segment_ids` and `cu_seqlens` of packed rows (`data.packing`); nothing for ordinary
+    batches."""
+    return {k: batch[k] for k in ("position_ids", "segment_ids", "cu_seqlens") if k in batch}
 
 
 def source_names_of(dataset) -> list[str] | None:

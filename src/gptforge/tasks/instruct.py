@@ -16,6 +16,7 @@ import torch
 
 from gptforge.errors import DataError
 from gptforge.model.config import IGNORE_INDEX
+from gptforge.model.gpt import cu_seqlens_of
 from gptforge.model.tokenizer import EOT, EOT_ID
 from gptforge.tasks.sources import column_values, map_fingerprint, read_json_records, resolve, row_place
 from gptforge.tasks.splits import first_n
@@ -382,7 +383,8 @@ class PackedInstructionCollator:
     = the next tokens then one <|endoftext|>, prompt targets ignored with `mask_prompt`), laid end to end.
     `segment_ids` number the records of a row (padding is one more segment) and `position_ids` restart
     at each record; the model blocks attention between segments, so each record's logits, loss and
-    gradients are those of the unpacked run.
+    gradients are those of the unpacked run. `cu_seqlens` lists where each segment starts in the flattened
+    batch (for the varlen attention kernel on CUDA).
     """
 
     def __init__(
@@ -416,7 +418,14 @@ class PackedInstructionCollator:
                 at += n
             seg[b, at:] = len(row)  # the row's padding: a segment of its own, every target ignored
             pos[b, at:] = torch.arange(width - at)
-        return {"input_ids": x, "targets": y, "position_ids": pos, "segment_ids": seg}
+        # the segments' starts over the flattened batch, counted here on the host for CUDA's varlen kernel
+        return {
+            "input_ids": x,
+            "targets": y,
+            "position_ids": pos,
+            "segment_ids": seg,
+            "cu_seqlens": cu_seqlens_of(seg),
+        }
 
 
 # -- response extraction (evaluation) --------------------------------------------------------------------
