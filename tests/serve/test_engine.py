@@ -49,6 +49,37 @@ def test_16_concurrent_greedy_requests_equal_each_alone(tiny_lm):
     assert engine.steps < sum(lengths) // 4
 
 
+def test_requests_arriving_together_are_prefilled_in_shared_passes(tiny_lm, monkeypatch):
+    """Queued requests join in groups prefilled in one right-padded pass each (longest first, padding
+    bounded by PREFILL_PADDING); one of them ends on its first token inside a group (its row is refilled by
+    the last one's before that one is accepted). Every output still equals the request alone."""
+    import gptforge.serve.engine as engine_module
+
+    passes = []
+    real = engine_module.prefill
+    monkeypatch.setattr(
+        engine_module,
+        "prefill",
+        lambda m, c, start, prompts: passes.append(len(prompts)) or real(m, c, start, prompts),
+    )
+    ids = [TOK.encode(p) for p in PROMPTS]
+    lengths = [1 if i == 3 else 6 + i % 5 for i in range(len(ids))]
+    alone = [generate(tiny_lm, [p], max_new_tokens=n, eos_token_id=None)[0] for p, n in zip(ids, lengths)]
+    engine = Engine(tiny_lm, TOK, max_batch=16, max_queue=16)
+    reqs = [engine.submit(p, SamplingParams(max_tokens=n, eos_ids=())) for p, n in zip(ids, lengths)]
+    groups = engine_module.prefill_groups(sorted(reqs, key=lambda r: -len(r.prompt_ids)))
+    engine.start()
+    try:
+        assert wait_all(reqs, 60)
+    finally:
+        engine.stop()
+    assert [r.tokens for r in reqs] == alone
+    assert passes == [len(g) for g in groups] and len(passes) < len(ids) // 2  # prompts shared passes
+    for g in groups:  # no group computes more than PREFILL_PADDING x its real prompt tokens
+        n = [len(r.prompt_ids) for r in g]
+        assert len(g) * max(n) <= engine_module.PREFILL_PADDING * sum(n)
+
+
 def _through_three_rows(model, ids: list[list[int]], lengths: list[int]):
     """Each prompt alone through generate(), then all of them through an engine with three rows."""
     alone = [generate(model, [p], max_new_tokens=n, eos_token_id=None)[0] for p, n in zip(ids, lengths)]

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gptforge.errors import ConfigError
-from gptforge.model.gpt import GPT, KVCache
+from gptforge.model.gpt import GPT, KVCache, Linear
 from gptforge.model.tokenizer import Tokenizer
 
 __all__ = [
@@ -159,14 +159,20 @@ def prefill(model: GPT, cache: KVCache, start: int, prompts: Sequence[Sequence[i
         last = h[:, -1]
     else:
         last = h[torch.arange(len(lens), device=dev), torch.tensor(lens, device=dev) - 1]
-    return model.lm_head(last).float()
+    return _head(model, last)
+
+
+def _head(model: GPT, h: torch.Tensor) -> torch.Tensor:
+    """Next-token logits (n, V) in float32 for the sampler; may be a transposed view (see `Linear`)."""
+    head = model.lm_head
+    return (head(h, contiguous=False) if isinstance(head, Linear) else head(h)).float()
 
 
 def decode_step(model: GPT, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
     """Feed one new token per row to cache rows 0..n-1 (each at its own length); next-token logits (n, V)."""
     n = tokens.shape[0]
     h = model.hidden_states(tokens.view(n, 1), cache=cache.use(0, n))
-    return model.lm_head(h[:, -1]).float()
+    return _head(model, h[:, -1])
 
 
 # -- the loop ----------------------------------------------------------------------------------------

@@ -74,7 +74,9 @@ class Linear(nn.Linear):
     weight_t: torch.Tensor | None = None
     _weight_t_version: int = -1
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, contiguous: bool = True) -> torch.Tensor:
+        """`contiguous=False`: the few-row CPU form may return its (rows, out) result as a transposed view
+        instead of copying it (decoding's LM head: only an argmax or a sampler reads the logits)."""
         rows = x.numel() // max(1, x.shape[-1])
         wt = self.weight_t
         if (
@@ -101,7 +103,8 @@ class Linear(nn.Linear):
                 out = torch.mm(self.weight, x2)
             else:
                 out = torch.addmm(self.bias[:, None], self.weight, x2)
-            return out.t().contiguous().reshape(*x.shape[:-1], self.out_features)
+            out = out.t()
+            return (out.contiguous() if contiguous else out).reshape(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
 
 

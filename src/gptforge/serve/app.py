@@ -18,6 +18,7 @@ import hmac
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -200,6 +201,36 @@ def _messages(body: dict) -> list[dict]:
     return [{**m, "role": "system" if m["role"] == "developer" else m["role"]} for m in msgs]
 
 
+class Mailbox:
+    """Hands events from the engine thread to the event loop with one wake-up for all that arrive together.
+
+    The engine calls every active request's `on_update` in one go after each step; one
+    `call_soon_threadsafe` per call would wake the loop (a self-pipe write and a pass of the loop) once per
+    request and token, stealing CPU from the model's threads. Here the first event schedules a flush and
+    the rest of the step's events join it.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._items: list[tuple[asyncio.Queue, tuple]] = []
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def post(self, queue: asyncio.Queue, item: tuple) -> None:
+        with self._lock:
+            self._items.append((queue, item))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self.loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        with self._lock:
+            items, self._items, self._scheduled = self._items, [], False
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
 # -- the app -----------------------------------------------------------------------------------------
 def create_app(served: Served, api_key: str | None = None):
     """The FastAPI app; the engine thread starts and drains with the app's lifespan."""
@@ -215,6 +246,7 @@ def create_app(served: Served, api_key: str | None = None):
     app = FastAPI(title="gptforge serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.served = served
     classify_lock = asyncio.Lock()
+    mailboxes: dict = {}  # the event loop's Mailbox (engine thread -> loop)
     ctx = served.model.cfg.context_length
     eos = (EOT_ID,) if served.model.cfg.vocab_size > EOT_ID else ()
 
@@ -279,12 +311,15 @@ def create_app(served: Served, api_key: str | None = None):
         cost the engine thread and the loop time for text nobody reads until the end.
         """
         loop = asyncio.get_running_loop()
+        if mailboxes.get("loop") is not loop:  # one per event loop (tests start several servers)
+            mailboxes.update(loop=loop, box=Mailbox(loop))
+        post = mailboxes["box"].post
         queue: asyncio.Queue = asyncio.Queue()
 
         def callback(i: int):
             def on_update(req, delta, done):
                 if done or streaming:
-                    loop.call_soon_threadsafe(queue.put_nowait, (i, delta, done))
+                    post(queue, (i, delta, done))
 
             return on_update
 
