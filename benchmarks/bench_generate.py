@@ -10,7 +10,6 @@ load; a profile of gptforge's decoding steps says where the time above the floor
 from __future__ import annotations
 
 import collections
-import copy
 import time
 
 import torch
@@ -19,15 +18,15 @@ from common import interleaved, log, median, record
 
 from gptforge.model.config import GPTConfig
 from gptforge.model.generate import decode_step, generate, prefill
-from gptforge.model.gpt import GPT, KVCache
+from gptforge.model.gpt import GPT, ONEDNN_LINEAR, KVCache
 from gptforge.model.hf import to_hf
 
 
 def _floor_forms(model: GPT, B: int, device: str) -> dict:
     """The weight matmuls of one decoding step (every block's four Linear layers and the LM head, batch
-    B, one token per row) in three forms of the same product: F.linear(x, W), (W @ x.T).T, and x @ W.T
-    with W.T copied contiguous beforehand (a second copy of every weight: the serve engine keeps one on a
-    CPU for steps with one active request, `GPT.keep_single_row_copy`; generate() and transformers do not)."""
+    B, one token per row) in every form of the same float32 product at hand: F.linear(x, W) (BLAS sgemm),
+    (W @ x.T).T, x @ W.T with W.T copied contiguous beforehand (a second copy of every weight), and on a
+    CPU with oneDNN its GEMM (`torch.ops.mkldnn._linear_pointwise`, what gptforge's Linear runs there)."""
     mods = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     xs = {m.in_features: torch.randn(B, m.in_features, device=device) for m in mods}
     weights = [m.weight.detach() for m in mods]
@@ -45,11 +44,19 @@ def _floor_forms(model: GPT, B: int, device: str) -> dict:
         for wt in transposed:
             xs[wt.shape[0]] @ wt
 
-    return {"linear": linear, "w_xt": w_xt, "x_wt": x_wt}
+    forms = {"linear": linear, "w_xt": w_xt, "x_wt": x_wt}
+    if device == "cpu" and ONEDNN_LINEAR:
+
+        def onednn():
+            for w in weights:
+                torch.ops.mkldnn._linear_pointwise(xs[w.shape[1]], w, None, "none", [], "")
+
+        forms["onednn"] = onednn
+    return forms
 
 
 def matmul_floor_seconds(model: GPT, B: int, device: str, reps: int = 7) -> tuple[float, str, dict]:
-    """Median seconds of one decoding step's weight matmuls in the fastest of the three forms, its name,
+    """Median seconds of one decoding step's weight matmuls in the fastest of the forms, its name,
     and every form's median. No greedy decoder with these weights can beat the fastest."""
     with torch.inference_mode():
         times = interleaved(_floor_forms(model, B, device), reps=reps, warmup=1, device=device)
@@ -61,7 +68,15 @@ def matmul_floor_seconds(model: GPT, B: int, device: str, reps: int = 7) -> tupl
 # Where a decoding step's time goes: aten ops by what they do; the rest of the wall time is Python and
 # dispatch (the interpreter, module calls, argument parsing).
 CATEGORIES = {
-    "weight matmuls": ("aten::addmm", "aten::mm", "aten::addmv", "aten::mv", "aten::matmul", "aten::linear"),
+    "weight matmuls": (
+        "aten::addmm",
+        "aten::mm",
+        "aten::addmv",
+        "aten::mv",
+        "aten::matmul",
+        "aten::linear",
+        "mkldnn::_linear_pointwise",
+    ),
     "attention": (
         "aten::_scaled_dot_product_flash_attention_for_cpu",
         "aten::_scaled_dot_product_attention_math",
@@ -157,11 +172,10 @@ def run(
         label = f"{preset} batch {B}, {new_tokens} new tokens"
         log(f"generate: {label} ...")
         floor_s, form, forms = matmul_floor_seconds(model, B, device)
-        own_form = "linear" if B == 1 or device != "cpu" else "w_xt"  # gptforge.model.gpt.Linear
+        # the form gptforge.model.gpt.Linear runs here
+        own_form = "onednn" if "onednn" in forms else "linear" if B == 1 or device != "cpu" else "w_xt"
         floor_fn = _floor_forms(model, B, device)[form]
-        # the engine keeps its single-row weight copies on its own model, so generate() below runs the
-        # weights exactly as a user's generate() call does (no copies)
-        engine = Engine(copy.deepcopy(model), tokenizer, max_batch=B, max_queue=0).start()
+        engine = Engine(model, tokenizer, max_batch=B, max_queue=0).start()
 
         def served(n, plist=plist, engine=engine):
             reqs = [engine.submit(p, SamplingParams(max_tokens=n, eos_ids=())) for p in plist]
@@ -221,7 +235,7 @@ def run(
                 matmul_floor_tokens_per_s=round(floor_tps, 2),
                 matmul_floor_form=form,
                 matmul_floor_alone_tokens_per_s=round(B / floor_s, 2),
-                # gptforge's Linear uses F.linear for one row and w_xt for 2..128 rows (model/gpt.py)
+                # gptforge's Linear runs oneDNN on a CPU that has it (else F.linear for one row, w_xt for 2..128)
                 matmul_floor_ms_by_form={k: round(v * 1e3, 3) for k, v in forms.items()},
                 share_of_floor={k: round(v / floor_tps, 3) for k, v in tps.items() if k != "floor"},
                 decode_share_of_floor={k: round(v / floor_tps, 3) for k, v in decode_tps.items()},

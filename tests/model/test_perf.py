@@ -150,9 +150,13 @@ def _ops(fn) -> set[str]:
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(1, 1), (8, 1), (2, 3), (128, 1), (4, 32)])
-def test_few_row_inference_linear_equals_f_linear(bias, shape):
-    """(W @ x.T).T for 2..SKINNY_ROWS rows in CPU inference: the same values as F.linear (fp32 rounding)."""
+def test_few_row_inference_linear_equals_f_linear(bias, shape, monkeypatch):
+    """Without oneDNN, (W @ x.T).T for 2..SKINNY_ROWS rows in CPU inference: F.linear's values (fp32
+    rounding)."""
+    import gptforge.model.gpt as gpt_module
     from gptforge.model.gpt import SKINNY_ROWS, Linear
+
+    monkeypatch.setattr(gpt_module, "ONEDNN_LINEAR", False)
 
     lin = Linear(48, 96, bias=bias)
     x = torch.randn(*shape, 48)
@@ -165,8 +169,11 @@ def test_few_row_inference_linear_equals_f_linear(bias, shape):
     assert ("aten::linear" not in ops) == skinny, ops
 
 
-def test_linear_keeps_f_linear_for_training_many_rows_and_autocast():
+def test_linear_keeps_f_linear_for_training_many_rows_and_autocast(monkeypatch):
+    import gptforge.model.gpt as gpt_module
     from gptforge.model.gpt import Linear
+
+    monkeypatch.setattr(gpt_module, "ONEDNN_LINEAR", False)
 
     lin = Linear(16, 8)
     x = torch.randn(4, 16)
@@ -204,45 +211,41 @@ def test_lm_loss_per_token_scores_only_target_positions_and_equals_the_plain_for
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_single_row_copy_is_used_for_one_row_and_never_stale(bias):
-    """GPT.keep_single_row_copy: one-row inference runs x @ W.T over the (in, out) copy with F.linear's
-    values; more rows and autograd use the live weight, and a weight changed after the copy (an optimizer
-    step, a load) bypasses it, so the copy can never return stale numbers."""
-    from gptforge.model.config import GPTConfig
-    from gptforge.model.gpt import GPT, Linear
+def test_cpu_inference_linear_runs_onednn_with_f_linear_values(bias, monkeypatch):
+    """CPU float32 inference runs every Linear through oneDNN (`ONEDNN_LINEAR`), for one row, a few and
+    many, with F.linear's values; autograd takes F.linear itself (gradients as ever); with oneDNN off the
+    model's logits are the same within float32 rounding."""
+    import gptforge.model.gpt as gpt_module
+    from gptforge.model.gpt import Linear
 
-    model = GPT(GPTConfig(vocab_size=64, context_length=16, emb_dim=48, n_heads=2, n_layers=1, qkv_bias=bias))
-    linears = [m for m in model.modules() if isinstance(m, Linear)]
-    assert model.keep_single_row_copy() == sum(m.weight.numel() * 4 for m in linears)
-    lin = model.blocks[0].attn.qkv
-    assert lin.weight_t.shape == (lin.in_features, lin.out_features) and lin.weight_t.is_contiguous()
-    x = torch.randn(1, 1, lin.in_features)
-    with torch.no_grad():
-        out = lin(x)
-    torch.testing.assert_close(out, F.linear(x, lin.weight, lin.bias), atol=1e-5, rtol=1e-5)
-    # which path ran, shown by a copy that disagrees with the weight (same version counter)
-    lin.weight_t = torch.zeros_like(lin.weight_t)
-    bias_only = (
-        torch.zeros(1, 1, lin.out_features) if lin.bias is None else lin.bias.detach().expand(1, 1, -1)
+    if not gpt_module.ONEDNN_LINEAR:
+        pytest.skip("this torch has no oneDNN linear kernel")
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(
+        torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(a[0].shape) or real(*a)
     )
-    x2 = torch.randn(1, 3, lin.in_features)
+    model = GPT(GPTConfig(vocab_size=64, context_length=16, emb_dim=48, n_heads=2, n_layers=1, qkv_bias=bias))
+    lin = model.blocks[0].attn.qkv
+    for shape in [(1, 1), (3,), (2, 9), (4, 50)]:
+        x = torch.randn(*shape, lin.in_features)
+        with torch.no_grad():
+            out = lin(x)
+        torch.testing.assert_close(out, F.linear(x, lin.weight, lin.bias), atol=1e-5, rtol=1e-5)
+        assert out.shape == (*shape, lin.out_features)
+    assert calls == [(1, 48), (3, 48), (18, 48), (200, 48)]
+    x = torch.randn(2, 5, lin.in_features, requires_grad=True)
+    lin(x).sum().backward()  # autograd: F.linear, not the inference kernel
+    assert len(calls) == 4 and x.grad is not None and lin.weight.grad is not None
+    ids = torch.randint(0, 64, (2, 7))
     with torch.no_grad():
-        torch.testing.assert_close(lin(x), bias_only)  # one row: the copy
-        torch.testing.assert_close(lin(x2), F.linear(x2, lin.weight, lin.bias), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias))  # autograd: the weight
-    # an in-place change after the copy (what an optimizer step or load_state_dict does) bypasses it
-    with torch.no_grad():
-        lin.weight.mul_(-2.0)
-        torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), atol=1e-5, rtol=1e-5)
-    # the whole model's logits for one token: equal with and without fresh copies
-    model.keep_single_row_copy()
-    ids = torch.randint(0, 64, (1, 1))
-    with torch.no_grad():
-        with_copy = model(ids)
-        model.keep_single_row_copy(False)
-        assert all(m.weight_t is None for m in linears)
-        without = model(ids)
-    torch.testing.assert_close(with_copy, without, atol=1e-5, rtol=1e-5)
+        on = model(ids)
+        n = len(calls)
+        monkeypatch.setattr(gpt_module, "ONEDNN_LINEAR", False)
+        off = model(ids)
+    assert n == 4 + 4 * 1 + 1 and len(calls) == n  # every Linear and the LM head, then none
+    torch.testing.assert_close(on, off, atol=1e-5, rtol=1e-5)
+    assert isinstance(model.lm_head, Linear)
 
 
 # -- a classifier's last block works on the pooled position only ------------------------------------------

@@ -33,7 +33,6 @@ def serve(argv: list[str]) -> int:
         name=args.name,
         max_batch=args.max_batch,
         max_queue=args.max_queue,
-        single_row_copy=args.single_row_copy,
     )
     kind = (
         "classifier"

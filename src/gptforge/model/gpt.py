@@ -7,6 +7,7 @@ weights convert both ways without loss (see `hf.py`). Parameter names are our ow
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -15,18 +16,10 @@ import torch.nn.functional as F
 from gptforge.model.config import IGNORE_INDEX, GPTConfig
 from gptforge.model.perf import fused_linear_cross_entropy
 
-# Up to this many rows (tokens in the batch), CPU inference computes x @ W.T as (W @ x.T).T: measured on
-# a 2-core AVX2 EPYC with gpt2's shapes, that form of the same GEMM is 1.4x (blocks) to 1.8x (50k LM head)
-# faster at 8 rows and never slower from 1 to 128 rows. Decoding steps and short prompts use it.
+# Without oneDNN (`ONEDNN_LINEAR`), up to this many rows CPU inference computes x @ W.T as (W @ x.T).T:
+# measured on a 2-core AVX2 EPYC with gpt2's shapes, that form of the same sgemm is 1.4x (blocks) to 1.8x
+# (50k LM head) faster at 8 rows and never slower from 1 to 128 rows.
 SKINNY_ROWS = 128
-
-
-def _version_of(t: torch.Tensor) -> int | None:
-    """A tensor's in-place version counter; None for inference tensors, which keep none."""
-    try:
-        return t._version
-    except RuntimeError:
-        return None
 
 
 def varlen_kernel():
@@ -62,42 +55,39 @@ def cu_seqlens_of(segment_ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([idx, idx.new_tensor([B * T])]).to(torch.int32)
 
 
-class Linear(nn.Linear):
-    """nn.Linear with a faster kernel choice for few rows in CPU inference; same parameters, same math.
+def _onednn_linear_available() -> bool:
+    """torch's oneDNN linear kernel is here (CPU builds with mkldnn) and not switched off."""
+    if os.environ.get("GPTFORGE_ONEDNN", "1") == "0":
+        return False
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
-    `weight_t` (set by `GPT.keep_single_row_copy`) is an (in, out) copy of the weight for one-row CPU
-    inference: a matrix-vector product over it runs 1.34x faster on this project's CPU than over the
-    (out, in) weight (gpt2: 20.5 against 27.6 ms for every weight). It is used only while the weight is
-    unchanged since the copy (its version counter), so training or loading can never read a stale copy.
+
+# CPU inference in float32 runs every Linear through oneDNN's GEMM (`torch.ops.mkldnn._linear_pointwise`,
+# the kernel torch.compile's CPU backend uses for Linear) instead of F.linear's BLAS sgemm: the same
+# float32 arithmetic (IEEE, no reduced-precision dot products; within 2e-6 of float64 like sgemm), and on
+# this project's AMD EPYC 2.0x faster for gpt2's decoding step at 16 rows, 2.0x at 1 row, 1.96x for a
+# 480-token prefill (benchmarks/bench_generate.py measures it). GPTFORGE_ONEDNN=0 turns it off.
+ONEDNN_LINEAR = _onednn_linear_available()
+
+
+class Linear(nn.Linear):
+    """nn.Linear with a faster kernel for CPU inference; same parameters, same math.
+
+    Training (autograd on), autocast and other devices take F.linear. CPU inference in float32 takes oneDNN
+    (`ONEDNN_LINEAR`); without it, up to SKINNY_ROWS rows take the (W @ x.T).T form of the same product.
     """
 
-    weight_t: torch.Tensor | None = None
-    _weight_t_version: int = -1
-
     def forward(self, x: torch.Tensor, contiguous: bool = True) -> torch.Tensor:
-        """`contiguous=False`: the few-row CPU form may return its (rows, out) result as a transposed view
+        """`contiguous=False`: the few-row form may return its (rows, out) result as a transposed view
         instead of copying it (decoding's LM head: only an argmax or a sampler reads the logits)."""
+        if x.device.type != "cpu" or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
+            return F.linear(x, self.weight, self.bias)
         rows = x.numel() // max(1, x.shape[-1])
-        wt = self.weight_t
-        if (
-            rows == 1
-            and wt is not None
-            and self._weight_t_version == _version_of(self.weight)
-            and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled(x.device.type)
-            and x.dtype == wt.dtype
-            and x.device == wt.device
-        ):
-            x2 = x.reshape(1, self.in_features)
-            out = torch.mm(x2, wt) if self.bias is None else torch.addmm(self.bias[None, :], x2, wt)
+        if ONEDNN_LINEAR and x.dtype == self.weight.dtype == torch.float32:
+            x2 = x.reshape(rows, self.in_features).contiguous()
+            out = torch.ops.mkldnn._linear_pointwise(x2, self.weight, self.bias, "none", [], "")
             return out.reshape(*x.shape[:-1], self.out_features)
-        if (
-            1 < rows <= SKINNY_ROWS  # one row (a decoding step at batch 1): F.linear is as fast, fewer ops
-            and x.device.type == "cpu"
-            and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled("cpu")
-            and x.dtype == self.weight.dtype
-        ):
+        if 1 < rows <= SKINNY_ROWS and x.dtype == self.weight.dtype:  # one row: F.linear is as fast
             x2 = x.reshape(rows, x.shape[-1]).t()
             if self.bias is None:
                 out = torch.mm(self.weight, x2)
@@ -397,22 +387,6 @@ class GPT(nn.Module):
         k_pos = torch.arange(S, device=device)[None, :]
         causal = k_pos <= q_pos
         return (causal & key_ok) | (k_pos == q_pos)
-
-    def keep_single_row_copy(self, on: bool = True) -> int:
-        """Keep (or drop) an (in, out) copy of every Linear's weight for one-row CPU inference (see `Linear`):
-        a serving engine decoding one request runs its weight products 1.34x faster, for the weights'
-        memory again. Returns the bytes the copies hold. A weight changed after this call bypasses its
-        copy (checked per call), so the model stays exact; call again to refresh them."""
-        held = 0
-        for m in self.modules():
-            if isinstance(m, Linear):
-                if on and m.weight.device.type == "cpu" and _version_of(m.weight) is not None:
-                    m.weight_t = m.weight.detach().t().contiguous()
-                    m._weight_t_version = _version_of(m.weight)
-                    held += m.weight_t.numel() * m.weight_t.element_size()
-                else:
-                    m.weight_t, m._weight_t_version = None, -1
-        return held
 
     def hidden_states(
         self,

@@ -574,9 +574,6 @@ class ServeConfig:
     """cpu, cuda, cuda:1, ... (null: cuda if available)."""
     name: str | None = None
     """Model id in /v1/models and responses (null: the model dir's name)."""
-    single_row_copy: bool = True
-    """CPU: keep an (in, out) copy of every weight, so one request alone decodes 1.34x faster (gpt2 on the
-    project's CPU); costs the model's weight memory again. false: no copy."""
 
 
 @dataclass

@@ -88,7 +88,6 @@ def load_served(
     name: str | None = None,
     max_batch: int = 8,
     max_queue: int = 32,
-    single_row_copy: bool = True,
 ) -> Served:
     """Open a gptforge checkpoint, LoRA adapter dir or Hugging Face GPT-2 dir, and build its engine."""
     from gptforge.model.checkpoint import read_metadata
@@ -116,9 +115,7 @@ def load_served(
     style = get_prompt_style(style_dict) if style_dict else None
     served = Served(model.eval(), name or p.resolve().name, Tokenizer(), style, created=int(time.time()))
     if not served.is_classifier:
-        served.engine = Engine(
-            model, served.tokenizer, max_batch=max_batch, max_queue=max_queue, single_row_copy=single_row_copy
-        )
+        served.engine = Engine(model, served.tokenizer, max_batch=max_batch, max_queue=max_queue)
     return served
 
 

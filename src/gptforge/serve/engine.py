@@ -118,14 +118,10 @@ class Engine:
     token boundary; `stop(drain=True)` finishes everything already accepted, then the thread exits.
     """
 
-    def __init__(
-        self, model: GPT, tokenizer, max_batch: int = 8, max_queue: int = 64, single_row_copy: bool = True
-    ) -> None:
+    def __init__(self, model: GPT, tokenizer, max_batch: int = 8, max_queue: int = 64) -> None:
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch={max_batch} must be >= 1 and max_queue={max_queue} >= 0")
         self.model = model.eval()
-        # one active request: its steps' weight products over (in, out) copies (GPT.keep_single_row_copy)
-        model.keep_single_row_copy(single_row_copy)
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_queue = max_queue
