@@ -298,3 +298,50 @@ def test_classifier_last_block_skips_the_unpooled_positions():
     with torch.no_grad():
         model(torch.randint(0, 60, (3, 9)))
     assert seen == [(3, 9, 32), (3, 1, 32)]
+
+
+# -- decoding steps without module calls --------------------------------------------------------------------
+@pytest.mark.parametrize("rows", [1, 5])  # 5: attention through matmul + softmax (ATTENTION_BMM_ROWS)
+@pytest.mark.parametrize("ragged", [False, True])
+def test_decoding_steps_without_module_calls_equal_the_module_path(rows, ragged, monkeypatch):
+    """`decode_block` (CPU float32 inference: oneDNN called directly, no module calls) gives the
+    module path's logits within 1e-5 over several steps, rows of one length or of different lengths
+    (the cache's key mask); a hook or a LoRA layer leaves no plan, so steps take the module path."""
+    import gptforge.model.gpt as gpt_module
+    from gptforge.model.generate import decode_step, prefill
+    from gptforge.model.gpt import KVCache
+    from gptforge.model.lora import LoRAConfig, apply_lora
+
+    if not gpt_module.ONEDNN_LINEAR:
+        pytest.skip("this torch has no oneDNN linear kernel")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("test-tiny", vocab_size=80, n_layers=3)).eval()
+    prompts = [list(range(3 + (i if ragged else 0), 9 + (2 * i if ragged else 0))) for i in range(rows)]
+    used, allow = [], [True]
+    real_block, real_plan = gpt_module.decode_block, GPT.decode_plan
+    monkeypatch.setattr(gpt_module, "decode_block", lambda *a: used.append(1) or real_block(*a))
+    monkeypatch.setattr(GPT, "decode_plan", lambda self: real_plan(self) if allow[0] else None)
+
+    def run() -> list[torch.Tensor]:
+        cache = KVCache(model.cfg, rows, 40)
+        with torch.inference_mode():
+            tok = prefill(model, cache, 0, prompts).argmax(-1)
+            out = []
+            for _ in range(6):
+                out.append(decode_step(model, cache, tok).clone())
+                tok = out[-1].argmax(-1)
+        return out
+
+    fast = run()
+    assert len(used) == 6 * 3  # every step, every block
+    allow[0] = False
+    plain = run()
+    assert len(used) == 6 * 3
+    for a, b in zip(fast, plain):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert real_plan(model) is not None
+    handle = model.blocks[1].mlp.fc.register_forward_hook(lambda m, i, o: None)
+    assert real_plan(model) is None
+    handle.remove()
+    apply_lora(model, LoRAConfig(r=2, alpha=4))
+    assert real_plan(model) is None
