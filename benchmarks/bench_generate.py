@@ -188,6 +188,19 @@ def run(
                 for _ in range(n):
                     fn()
 
+        # What attention cannot go below: each decoding step reads every row's cached keys and values once
+        # (no arithmetic, just a sum over them), at the lengths the steps of this run have.
+        kv = KVCache(
+            model.cfg, B, prompt_len + new_tokens, device=device, dtype=next(model.parameters()).dtype
+        )
+
+        def kv_read(kv=kv):
+            with torch.inference_mode():
+                for length in range(prompt_len + 1, prompt_len + new_tokens):
+                    for k, v in zip(kv.k, kv.v):
+                        k[:, :, :length].sum()
+                        v[:, :, :length].sum()
+
         try:
             ours(plist, 4), theirs(prompt, 4), served(4), floor(4)  # warm-up: same shapes, a few steps
             outs: dict = {}
@@ -197,6 +210,7 @@ def run(
                     "engine": lambda: served(new_tokens),
                     "transformers": lambda p=prompt: theirs(p, new_tokens),
                     "floor": floor,
+                    "kv_read": kv_read,
                     # prefill and first token only: the difference to the full runs is decoding alone
                     "gptforge_first": lambda p=plist: ours(p, 1),
                     "engine_first": lambda: served(1),
@@ -239,6 +253,9 @@ def run(
                 matmul_floor_ms_by_form={k: round(v * 1e3, 3) for k, v in forms.items()},
                 share_of_floor={k: round(v / floor_tps, 3) for k, v in tps.items() if k != "floor"},
                 decode_share_of_floor={k: round(v / floor_tps, 3) for k, v in decode_tps.items()},
+                # reading the KV cache once per step on top of the floor: the share no decoder can pass
+                kv_read_ms_per_step=round(med["kv_read"] / (new_tokens - 1) * 1e3, 3),
+                share_bound_with_kv_read=round(med["floor"] / (med["floor"] + med["kv_read"]), 3),
                 # the same against the floor in the GEMM form gptforge's Linear uses at this batch (scaled
                 # by the forms' ratio measured just before the rounds): what is left is not the kernel
                 decode_share_of_own_form_floor={
@@ -255,7 +272,10 @@ def run(
             f"({tps['gptforge'] / floor_tps:.0%}, decoding alone {decode_tps['gptforge'] / floor_tps:.0%}), "
             f"engine {tps['engine']:.1f} ({tps['engine'] / floor_tps:.0%}, decoding alone "
             f"{decode_tps['engine'] / floor_tps:.0%}), transformers {tps['transformers']:.1f} "
-            f"({tps['transformers'] / floor_tps:.0%}); per decoding step (ms): {breakdown}"
+            f"({tps['transformers'] / floor_tps:.0%}); reading the KV cache once a step "
+            f"{med['kv_read'] / (new_tokens - 1) * 1e3:.2f} ms (floor + that: "
+            f"{med['floor'] / (med['floor'] + med['kv_read']):.0%} of the floor at best); "
+            f"per decoding step (ms): {breakdown}"
         )
 
     if no_cache_tokens:

@@ -441,7 +441,7 @@ def _details(r: dict) -> list[str]:
         if floor:
             share = r.get("share_of_floor", {})
             out.append(
-                f"- {r['case']}: the weight matmuls alone (every Linear and the LM head in the fastest of three "
+                f"- {r['case']}: the weight matmuls alone (every Linear and the LM head in the fastest of the "
                 f"GEMM forms, no attention, no Python) run at {_fmt(floor)} tokens/s; gptforge reaches "
                 f"{_pct(share.get('gptforge'))} of that, the baseline "
                 f"{_pct(share.get('transformers', share.get('no_cache')))}"
@@ -458,6 +458,12 @@ def _details(r: dict) -> list[str]:
                     f"{_pct(dec.get('gptforge'))} and engine {_pct(dec.get('engine'))} of the floor "
                     f"(goal {_pct(r.get('floor_target'))}: {ok.get('gptforge')} / {ok.get('engine')})"
                 )
+                if r.get("kv_read_ms_per_step") is not None:
+                    out.append(
+                        f"- {r['case']}: reading every row's cached keys and values once a step (what attention "
+                        f"cannot go below) takes {r['kv_read_ms_per_step']} ms a step; the floor plus that is "
+                        f"{_pct(r.get('share_bound_with_kv_read'))} of the floor: the most any decoder reaches"
+                    )
                 own = r.get("decode_share_of_own_form_floor")
                 if own and r.get("own_form") != r.get("matmul_floor_form"):
                     out.append(
