@@ -169,6 +169,35 @@ def test_few_row_inference_linear_equals_f_linear(bias, shape, monkeypatch):
     assert ("aten::linear" not in ops) == skinny, ops
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("frozen", [False, True])  # a frozen weight (LoRA's base): dx only
+def test_training_linear_runs_onednn_with_f_linear_values_and_gradients(bias, frozen, monkeypatch):
+    """With autograd on, float32 CPU Linear runs `OneDNNLinear`: output and the gradients of the input,
+    weight and bias equal F.linear's within 1e-5 (3-D input, uneven sizes)."""
+    import gptforge.model.gpt as gpt_module
+    from gptforge.model.gpt import Linear
+
+    if not gpt_module.ONEDNN_LINEAR:
+        pytest.skip("this torch has no oneDNN linear kernel")
+    calls = []
+    real = gpt_module.OneDNNLinear.apply
+    monkeypatch.setattr(gpt_module.OneDNNLinear, "apply", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    lin = Linear(37, 53, bias=bias)
+    lin.weight.requires_grad_(not frozen)
+    x = torch.randn(3, 11, 37, requires_grad=True)
+    g = torch.randn(3, 11, 53)
+    out = lin(x)
+    params = [x] + [p for p in lin.parameters() if p.requires_grad]
+    got = torch.autograd.grad(out, params, g)
+    want_out = F.linear(x, lin.weight, lin.bias)
+    want = torch.autograd.grad(want_out, params, g)
+    assert calls == [1]
+    torch.testing.assert_close(out, want_out, atol=1e-5, rtol=1e-5)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_linear_keeps_f_linear_for_training_many_rows_and_autocast(monkeypatch):
     import gptforge.model.gpt as gpt_module
     from gptforge.model.gpt import Linear
@@ -213,8 +242,7 @@ def test_lm_loss_per_token_scores_only_target_positions_and_equals_the_plain_for
 @pytest.mark.parametrize("bias", [True, False])
 def test_cpu_inference_linear_runs_onednn_with_f_linear_values(bias, monkeypatch):
     """CPU float32 inference runs every Linear through oneDNN (`ONEDNN_LINEAR`), for one row, a few and
-    many, with F.linear's values; autograd takes F.linear itself (gradients as ever); with oneDNN off the
-    model's logits are the same within float32 rounding."""
+    many, with F.linear's values; with oneDNN off the model's logits are the same within float32 rounding."""
     import gptforge.model.gpt as gpt_module
     from gptforge.model.gpt import Linear
 
@@ -234,9 +262,6 @@ def test_cpu_inference_linear_runs_onednn_with_f_linear_values(bias, monkeypatch
         torch.testing.assert_close(out, F.linear(x, lin.weight, lin.bias), atol=1e-5, rtol=1e-5)
         assert out.shape == (*shape, lin.out_features)
     assert calls == [(1, 48), (3, 48), (18, 48), (200, 48)]
-    x = torch.randn(2, 5, lin.in_features, requires_grad=True)
-    lin(x).sum().backward()  # autograd: F.linear, not the inference kernel
-    assert len(calls) == 4 and x.grad is not None and lin.weight.grad is not None
     ids = torch.randint(0, 64, (2, 7))
     with torch.no_grad():
         on = model(ids)

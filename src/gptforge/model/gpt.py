@@ -70,17 +70,54 @@ def _onednn_linear_available() -> bool:
 ONEDNN_LINEAR = _onednn_linear_available()
 
 
-class Linear(nn.Linear):
-    """nn.Linear with a faster kernel for CPU inference; same parameters, same math.
+class OneDNNLinear(torch.autograd.Function):
+    """y = x @ W.T + b in float32 through oneDNN's GEMM, forward and backward (x: 2-D rows).
 
-    Training (autograd on), autocast and other devices take F.linear. CPU inference in float32 takes oneDNN
-    (`ONEDNN_LINEAR`); without it, up to SKINNY_ROWS rows take the (W @ x.T).T form of the same product.
+    Backward: dx = dy @ W as a GEMM over W.T (copied contiguous: one pass over the weight, small beside
+    the product), dW = dy.T @ x over the transposed views, db = the column sums of dy."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        dy = dy.contiguous()
+        pointwise = torch.ops.mkldnn._linear_pointwise
+        dx = pointwise(dy, weight.t().contiguous(), None, "none", [], "") if ctx.needs_input_grad[0] else None
+        dw = pointwise(dy.t(), x.t(), None, "none", [], "") if ctx.needs_input_grad[1] else None
+        db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db
+
+
+class Linear(nn.Linear):
+    """nn.Linear with a faster kernel on CPU; same parameters, same math.
+
+    On a CPU with oneDNN (`ONEDNN_LINEAR`), float32 runs through oneDNN's GEMM: inference directly,
+    training through `OneDNNLinear` (forward and backward). Autocast, other devices, torch.compile (which
+    picks its own kernels) and sharded (DTensor) weights take F.linear. Without oneDNN, CPU inference of
+    up to SKINNY_ROWS rows takes the (W @ x.T).T form of the same product.
     """
 
     def forward(self, x: torch.Tensor, contiguous: bool = True) -> torch.Tensor:
         """`contiguous=False`: the few-row form may return its (rows, out) result as a transposed view
         instead of copying it (decoding's LM head: only an argmax or a sampler reads the logits)."""
-        if x.device.type != "cpu" or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
+        if x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+            return F.linear(x, self.weight, self.bias)
+        if torch.is_grad_enabled():
+            if (
+                ONEDNN_LINEAR
+                and x.dtype == self.weight.dtype == torch.float32
+                and type(self.weight.data) is torch.Tensor  # not a DTensor (FSDP's shards)
+                and not torch.compiler.is_compiling()
+            ):
+                x2 = x.reshape(-1, self.in_features)
+                return OneDNNLinear.apply(x2, self.weight, self.bias).reshape(
+                    *x.shape[:-1], self.out_features
+                )
             return F.linear(x, self.weight, self.bias)
         rows = x.numel() // max(1, x.shape[-1])
         if ONEDNN_LINEAR and x.dtype == self.weight.dtype == torch.float32:
