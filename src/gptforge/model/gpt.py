@@ -73,8 +73,8 @@ ONEDNN_LINEAR = _onednn_linear_available()
 class OneDNNLinear(torch.autograd.Function):
     """y = x @ W.T + b in float32 through oneDNN's GEMM, forward and backward (x: 2-D rows).
 
-    Backward: dx = dy @ W as a GEMM over W.T (copied contiguous: one pass over the weight, small beside
-    the product), dW = dy.T @ x over the transposed views, db = the column sums of dy."""
+    Backward: dx = dy @ W and dW = dy.T @ x as the same GEMM over transposed views (oneDNN reads the
+    strides; a contiguous copy of W.T was measured slower), db = the column sums of dy."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -87,10 +87,48 @@ class OneDNNLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         dy = dy.contiguous()
         pointwise = torch.ops.mkldnn._linear_pointwise
-        dx = pointwise(dy, weight.t().contiguous(), None, "none", [], "") if ctx.needs_input_grad[0] else None
+        dx = pointwise(dy, weight.t(), None, "none", [], "") if ctx.needs_input_grad[0] else None
         dw = pointwise(dy.t(), x.t(), None, "none", [], "") if ctx.needs_input_grad[1] else None
         db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, dw, db
+
+
+class TouchedRowsEmbedding(torch.autograd.Function):
+    """The token embedding of a classifier's training step, its weight gradient kept in one buffer that is
+    never zero-filled whole.
+
+    A dense embedding gradient is zero-filled every step (vocabulary x width: 38.6 MB for the default
+    pipeline's model, a third of its classification step) to receive the few rows the batch touched.
+    Here the gradient lives in `owner._emb_grad`, reused while `weight.grad` is None (an optimizer's
+    zero_grad): only the rows the previous step wrote are zeroed, then this batch's rows are added, and
+    the buffer becomes `weight.grad` (equal to the dense gradient: zero in every other row). The gradient
+    is written here, not returned through autograd, so this is only for a weight the step uses nowhere
+    else (a classifier's embedding; its tied LM head is unused), one process (no DDP/FSDP hooks) and
+    steps through loss.backward() (`GPT.touched_rows_embedding`, which the Trainer sets on a CPU)."""
+
+    @staticmethod
+    def forward(ctx, ids: torch.Tensor, weight: torch.Tensor, owner: GPT) -> torch.Tensor:
+        ctx.save_for_backward(ids)
+        ctx.owner, ctx.weight = owner, weight
+        return F.embedding(ids, weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (ids,) = ctx.saved_tensors
+        owner, weight = ctx.owner, ctx.weight
+        rows = ids.reshape(-1)
+        buf = owner._emb_grad
+        if weight.grad is None:
+            if buf is None or buf.shape != weight.shape or buf.dtype != weight.dtype:
+                buf = owner._emb_grad = torch.zeros_like(weight)
+            elif owner._emb_dirty is not None:
+                buf.index_fill_(0, owner._emb_dirty, 0)
+            owner._emb_dirty = None
+            weight.grad = buf
+        if weight.grad is buf:  # remember what to zero next time (accumulation steps add up)
+            owner._emb_dirty = rows if owner._emb_dirty is None else torch.cat([owner._emb_dirty, rows])
+        weight.grad.index_add_(0, rows, grad.reshape(-1, grad.shape[-1]).to(weight.grad.dtype))
+        return None, None, None
 
 
 class Linear(nn.Linear):
@@ -366,6 +404,10 @@ class GPT(nn.Module):
 
     # FSDP (pipeline.fsdp; other sharding tools read this attribute) shards one Block at a time.
     _no_split_modules = ["Block"]
+    # Set by a training loop whose steps call loss.backward() in one process (the Trainer on a CPU): a
+    # classifier's embedding gradient then lives in `TouchedRowsEmbedding`'s buffer. Off by default, as
+    # that gradient is written to `.grad` directly, which torch.autograd.grad callers would not expect.
+    touched_rows_embedding: bool = False
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
@@ -379,6 +421,8 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight  # one shared Parameter
         self.score = Linear(cfg.emb_dim, cfg.num_labels, bias=False) if cfg.num_labels else None
+        self._emb_grad: torch.Tensor | None = None  # TouchedRowsEmbedding's gradient buffer
+        self._emb_dirty: torch.Tensor | None = None  # the rows of it the last step wrote
         if self.tok_emb.weight.device.type != "meta":  # meta models get real weights loaded (from_hf)
             self.reset_parameters()
 
@@ -506,6 +550,7 @@ class GPT(nn.Module):
         segment_ids: torch.Tensor | None = None,
         at: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        embedding_only_use: bool = False,
     ) -> torch.Tensor:
         """Final-LayerNorm hidden states (B, T, emb_dim).
 
@@ -516,6 +561,8 @@ class GPT(nn.Module):
         mask through SDPA; both compute the same.
         `at` (B,): only the hidden state at position `at[b]` of each row is wanted, (B, 1, emb_dim); the
         last block then computes the rest of its work (attention output, MLP) for those positions alone.
+        `embedding_only_use`: the caller uses the token embedding's weight nowhere else in this step (a
+        classifier's forward), so a CPU training step may keep its gradient in `TouchedRowsEmbedding`.
         """
         B, T = input_ids.shape
         ragged = cache.begin(B, T) if cache is not None else None
@@ -549,7 +596,7 @@ class GPT(nn.Module):
             mask = self._attention_mask(attention_mask, T, past, input_ids.device)
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device)[None, :]
-        x = self.tok_emb(input_ids) + self.pos_emb(position_ids)
+        x = self._token_embeddings(input_ids, embedding_only_use) + self.pos_emb(position_ids)
         if self.training:
             x = self.drop(x)
         if cache is not None and (T > 1 or cache.plan is None):
@@ -578,6 +625,25 @@ class GPT(nn.Module):
         if cache is not None:
             cache.advance(T)
         return self.ln_f(x)
+
+    def _token_embeddings(self, input_ids: torch.Tensor, only_use: bool) -> torch.Tensor:
+        """tok_emb(input_ids); in a CPU training step that uses the weight nowhere else (`only_use`), with
+        `touched_rows_embedding` set, through `TouchedRowsEmbedding` (its gradient is not zero-filled whole)."""
+        w = self.tok_emb.weight
+        if (
+            only_use
+            and self.touched_rows_embedding
+            and torch.is_grad_enabled()
+            and w.requires_grad
+            and w.device.type == "cpu"
+            and type(w.data) is torch.Tensor  # not a DTensor
+            and type(self.tok_emb) is nn.Embedding
+            and not (self.tok_emb._forward_hooks or self.tok_emb._forward_pre_hooks)
+            and not torch.compiler.is_compiling()
+            and not (torch.distributed.is_available() and torch.distributed.is_initialized())
+        ):
+            return TouchedRowsEmbedding.apply(input_ids, w, self)
+        return self.tok_emb(input_ids)
 
     def pool(self, h: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Hidden state of the last non-padding token (rightmost position whose mask is 1)."""
@@ -617,7 +683,9 @@ class GPT(nn.Module):
             at = None
             if cache is None:
                 at = self.pooled_positions(input_ids.shape, attention_mask).to(input_ids.device)
-            h = self.hidden_states(input_ids, attention_mask, position_ids, cache, at=at)
+            h = self.hidden_states(
+                input_ids, attention_mask, position_ids, cache, at=at, embedding_only_use=True
+            )
             logits = self.score(h[:, 0] if at is not None else self.pool(h, attention_mask))
             if targets is None:
                 return logits

@@ -331,6 +331,14 @@ class Trainer:
         old_handlers = self._install_signal_handlers()
         # CPU: freed step memory is reused, not unmapped and faulted in anew every step (perf.py).
         tuned = acc.device.type == "cpu" and keep_freed_memory()
+        # One CPU process, steps through loss.backward(): a classifier's embedding gradient may live in one
+        # buffer zeroed row by row (GPT.touched_rows_embedding) instead of a dense one zero-filled each step.
+        inner = acc.unwrap_model(model)
+        touched = (
+            acc.device.type == "cpu" and acc.num_processes == 1 and hasattr(inner, "touched_rows_embedding")
+        )
+        if touched:
+            inner.touched_rows_embedding = True
         status = "completed"
         saved_at = -1
         try:
@@ -404,6 +412,9 @@ class Trainer:
         finally:
             pbar.close()
             self._restore_signal_handlers(old_handlers)
+            if touched:
+                inner.touched_rows_embedding = False
+                inner._emb_grad = inner._emb_dirty = None
             if tuned:
                 release_freed_memory()
 
