@@ -542,6 +542,7 @@ def losses_equal(losses: dict, tol: float = 1e-4) -> bool:
 
 # -- where gptforge's step spends its time ----------------------------------------------------------------------
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")  # where the profiler counts FLOPs
+ONEDNN_LINEAR_OP = "mkldnn::_linear_pointwise"  # gptforge's Linear on a CPU; FLOPs from its shapes
 ATTENTION_OPS = ("scaled_dot_product", "flash_attention", "efficient_attention")
 
 
@@ -558,6 +559,7 @@ def profile_gptforge_step(
     model = GPT(dataclasses.replace(init.cfg))
     model.load_state_dict(init.state_dict())
     model.train()
+    model.touched_rows_embedding = True  # what gptforge's Trainer sets for one CPU process
     opt = make_optimizer(model, TrainConfig(lr=r.lr, weight_decay=r.weight_decay, betas=r.betas))
 
     def step(b: dict) -> None:
@@ -576,7 +578,7 @@ def profile_gptforge_step(
     try:
         step(batches[0])  # warm-up: optimizer state, allocator
         t0 = time.perf_counter()
-        with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        with profile(activities=[ProfilerActivity.CPU], with_flops=True, record_shapes=True) as prof:
             for b in batches:
                 step(b)
         wall = time.perf_counter() - t0
@@ -586,13 +588,17 @@ def profile_gptforge_step(
     cats = {"matmul": 0.0, "attention": 0.0, "optimizer": 0.0, "other": 0.0}
     flops = 0.0
     total_self = 0.0
-    for ev in prof.key_averages():
+    for ev in prof.key_averages(group_by_input_shape=True):
         us = ev.self_cpu_time_total
         total_self += us
         name = ev.key
         if name in MATMUL_OPS:
             cats["matmul"] += us
             flops += ev.flops or 0
+        elif name == ONEDNN_LINEAR_OP:  # x (M, K) against a weight (N, K): 2 M N K per call
+            cats["matmul"] += us
+            (m, k), (n, _) = ev.input_shapes[0], ev.input_shapes[1]
+            flops += 2 * m * n * k * ev.count
         elif any(a in name for a in ATTENTION_OPS):
             cats["attention"] += us
         elif "adam" in name.lower() or "optimizer" in name.lower():

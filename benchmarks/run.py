@@ -314,7 +314,14 @@ def markdown(doc: dict) -> str:
             pk = meta["matmul_peak"]
             lines.append(
                 "- measured matmul peak: "
-                + ", ".join(f"{v['dtype']} {v['gflops']:.1f} GFLOP/s (n={v['n']})" for v in pk.values())
+                + ", ".join(
+                    f"{v['dtype']} {v['gflops']:.1f} GFLOP/s (n={v['n']}"
+                    + "".join(
+                        f"; {k} {g:.1f}" for k, g in v.get("by_kernel", {}).items() if len(v["by_kernel"]) > 1
+                    )
+                    + ")"
+                    for v in pk.values()
+                )
             )
         if meta.get("gpu_peak"):
             lines.append(f"- MFU on the GPU is against its dense bf16 peak: {meta['gpu_peak']['source']}")
