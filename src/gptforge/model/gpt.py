@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -201,7 +202,7 @@ class KVCache:
         self._flat: torch.Tensor | None = None  # ragged pass: flat (row, head, position) index of new keys
         self._width = 0  # ragged pass: keys read per row (longest row + 1)
         self.key_mask: torch.Tensor | None = None  # ragged pass: additive (B, 1, 1, width) mask
-        self.plan: list[tuple] | None = None  # GPT.decode_plan, made at each prefill into this cache
+        self.plan: list | None = None  # GPT.decode_plan, made at each prefill into this cache
         self._rows = (0, 0)  # rows [start, stop) of the next forward pass
         self._views: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer: those rows' keys, values
         self.use()
@@ -368,35 +369,53 @@ class Block(nn.Module):
 ATTENTION_BMM_ROWS = 4
 
 
+class BlockWeights(NamedTuple):
+    """One block's tensors and sizes as `decode_block` reads them (`GPT.decode_plan`)."""
+
+    ln1_w: torch.Tensor
+    ln1_b: torch.Tensor
+    ln1_eps: float
+    qkv_w: torch.Tensor
+    qkv_b: torch.Tensor | None
+    proj_w: torch.Tensor
+    proj_b: torch.Tensor | None
+    ln2_w: torch.Tensor
+    ln2_b: torch.Tensor
+    ln2_eps: float
+    fc_w: torch.Tensor
+    fc_b: torch.Tensor | None
+    out_w: torch.Tensor
+    out_b: torch.Tensor | None
+    heads: int
+    head_dim: int
+    approximate: str
+
+
 def decode_block(
-    x: torch.Tensor, w: tuple, mask: torch.Tensor | None, cache: KVCache, layer: int
+    x: torch.Tensor, w: BlockWeights, mask: torch.Tensor | None, cache: KVCache, layer: int
 ) -> torch.Tensor:
     """`Block.forward` for one new token per row in CPU float32 inference: x (B, C), `w` the block's entry
     of `GPT.decode_plan`. The same ops on 2-D rows, oneDNN's GEMM called directly, no module calls (oneDNN's
     fused GELU and residual-add post-ops were measured too: no faster at 8 rows, 7% slower at one).
     Attention over the cache as `forward` does it (one query a row; `mask`: None or the cache's additive
     key mask)."""
-    ln1_w, ln1_b, ln1_eps, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, ln2_eps, fc_w, fc_b, out_w, out_b = w[
-        :14
-    ]
-    heads, head_dim, approximate = w[14:]
     B, C = x.shape
     pointwise = torch.ops.mkldnn._linear_pointwise
-    h = F.layer_norm(x, (C,), ln1_w, ln1_b, ln1_eps)
-    qkv = pointwise(h, qkv_w, qkv_b, "none", [], "")
-    q, k, v = qkv.view(B, 1, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    h = F.layer_norm(x, (C,), w.ln1_w, w.ln1_b, w.ln1_eps)
+    qkv = pointwise(h, w.qkv_w, w.qkv_b, "none", [], "")
+    q, k, v = qkv.view(B, 1, 3, w.heads, w.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     k, v = cache.update(layer, k, v)
     if B >= ATTENTION_BMM_ROWS:
-        scores = torch.matmul(q, k.transpose(-1, -2)).mul_(head_dim**-0.5)
+        scores = torch.matmul(q, k.transpose(-1, -2)).mul_(w.head_dim**-0.5)
         if mask is not None:
             scores.add_(mask)
         y = torch.matmul(scores.softmax(-1), v)
     else:
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    x = x + pointwise(y.view(B, C), proj_w, proj_b, "none", [], "")
-    h = F.layer_norm(x, (C,), ln2_w, ln2_b, ln2_eps)
-    h = F.gelu(pointwise(h, fc_w, fc_b, "none", [], ""), approximate=approximate)
-    return x + pointwise(h, out_w, out_b, "none", [], "")
+    x = x + pointwise(y.view(B, C), w.proj_w, w.proj_b, "none", [], "")
+    h = F.layer_norm(x, (C,), w.ln2_w, w.ln2_b, w.ln2_eps)
+    h = F.gelu(pointwise(h, w.fc_w, w.fc_b, "none", [], ""), approximate=w.approximate)
+    return x + pointwise(h, w.out_w, w.out_b, "none", [], "")
 
 
 class GPT(nn.Module):
@@ -506,7 +525,7 @@ class GPT(nn.Module):
         causal = k_pos <= q_pos
         return (causal & key_ok) | (k_pos == q_pos)
 
-    def decode_plan(self) -> list[tuple] | None:
+    def decode_plan(self) -> list[BlockWeights] | None:
         """What `decode_block` reads, per block, where decoding steps can take it: oneDNN present, every
         block the plain modules in float32 (no LoRA layers, no hooks); else None. Made at each prefill and
         kept on its cache (`KVCache.plan`), so a decoding step does not walk the modules again."""
@@ -527,7 +546,7 @@ class GPT(nn.Module):
                 return None
             ln1, ln2 = block.ln_1, block.ln_2
             plan.append(
-                (
+                BlockWeights(
                     ln1.weight,
                     ln1.bias,
                     ln1.eps,
@@ -535,9 +554,17 @@ class GPT(nn.Module):
                     attn.qkv.bias,
                     attn.proj.weight,
                     attn.proj.bias,
-                )
-                + (ln2.weight, ln2.bias, ln2.eps, mlp.fc.weight, mlp.fc.bias, mlp.proj.weight, mlp.proj.bias)
-                + (attn.n_heads, attn.head_dim, mlp.approximate)
+                    ln2.weight,
+                    ln2.bias,
+                    ln2.eps,
+                    mlp.fc.weight,
+                    mlp.fc.bias,
+                    mlp.proj.weight,
+                    mlp.proj.bias,
+                    attn.n_heads,
+                    attn.head_dim,
+                    mlp.approximate,
+                )  # fmt: skip
             )
         return plan
 
