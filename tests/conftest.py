@@ -111,3 +111,21 @@ def torchrun_cli(
 @pytest.fixture
 def to_argv():
     return overrides_to_argv
+
+
+@pytest.fixture
+def sigterm_trainer():
+    """A Trainer that sends itself SIGTERM during its 4th optimizer step, as a scheduler or Ctrl-C would
+    (mid-epoch in the trainer tests); the run saves and stops after that step."""
+    import signal
+
+    from gptforge.pipeline.trainer import Trainer
+
+    class SigtermAtStep(Trainer):
+        def compute_loss(self, model, batch):
+            if self.state.step == 3 and not getattr(self, "_sent", False):
+                self._sent = True
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().compute_loss(model, batch)
+
+    return SigtermAtStep

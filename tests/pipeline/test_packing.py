@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 
 import pytest
 import torch
@@ -206,16 +205,6 @@ def make_cfg(out_dir, **kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-class SigtermAtStep(Trainer):
-    """Sends itself SIGTERM during the 4th optimizer step (mid-epoch: 7 steps an epoch)."""
-
-    def compute_loss(self, model, batch):
-        if self.state.step == 3 and not getattr(self, "_sent", False):
-            self._sent = True
-            os.kill(os.getpid(), signal.SIGTERM)
-        return super().compute_loss(model, batch)
-
-
 def fit_packed(cfg: TrainConfig, trainer_cls=Trainer):
     trainer = trainer_cls(cfg)
     model = tiny(torch.float32, dropout=0.2)
@@ -234,13 +223,13 @@ def train_losses(out_dir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(os.path.join(out_dir, "metrics.jsonl")) if "lr" in r}
 
 
-def test_packed_steps_per_epoch_and_mid_epoch_resume_is_exact(tmp_path):
+def test_packed_steps_per_epoch_and_mid_epoch_resume_is_exact(tmp_path, sigterm_trainer):
     (ref, n_rows) = fit_packed(make_cfg(tmp_path / "ref", save_every=3))
     spe = n_rows // 3  # train.batch_size counts packed rows (train.drop_last: the partial batch is dropped)
     assert n_rows == 22 and spe == 7  # 40 records, 22 rows, 7 steps an epoch
     assert ref.metrics["status"] == "completed" and ref.metrics["step"] == 2 * spe
     out = tmp_path / "run"
-    (stopped, _) = fit_packed(make_cfg(out, save_every=3), trainer_cls=SigtermAtStep)
+    (stopped, _) = fit_packed(make_cfg(out, save_every=3), trainer_cls=sigterm_trainer)
     assert stopped.metrics["status"] == "interrupted" and stopped.metrics["step"] == 4
     (resumed, _) = fit_packed(make_cfg(out, save_every=3, resume="auto"))
     assert resumed.metrics["status"] == "completed"

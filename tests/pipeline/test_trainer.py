@@ -167,22 +167,12 @@ def test_param_groups_skip_decay_on_bias_layernorm_embeddings():
     assert "tok_emb.weight" not in {names[id(p)] for g in param_groups(model, 0.1) for p in g["params"]}
 
 
-class SigtermAtStep(Trainer):
-    """Sends itself SIGTERM during the 4th optimizer step, as a scheduler or Ctrl-C would."""
-
-    def compute_loss(self, model, batch):
-        if self.state.step == 3 and not getattr(self, "_sent", False):
-            self._sent = True
-            os.kill(os.getpid(), signal.SIGTERM)
-        return super().compute_loss(model, batch)
-
-
-def test_sigterm_saves_and_resume_matches_uninterrupted_run_with_dropout(tmp_path):
+def test_sigterm_saves_and_resume_matches_uninterrupted_run_with_dropout(tmp_path, sigterm_trainer):
     ref = fit(make_cfg(tmp_path / "ref", save_every=3), dropout=0.2)
     assert ref.metrics["status"] == "completed"
     out = tmp_path / "run"
     before = signal.getsignal(signal.SIGTERM)
-    stopped = fit(make_cfg(out, save_every=3), trainer_cls=SigtermAtStep, dropout=0.2)
+    stopped = fit(make_cfg(out, save_every=3), trainer_cls=sigterm_trainer, dropout=0.2)
     assert stopped.metrics["status"] == "interrupted" and stopped.metrics["step"] == 4
     assert stopped.checkpoint == out / "checkpoints" / "step-00000004"
     assert not (out / FINAL).exists()

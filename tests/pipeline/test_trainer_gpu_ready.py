@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 
 import pytest
@@ -162,20 +161,12 @@ def test_log_every_k_logs_the_mean_of_its_steps(tmp_path):
     assert val == val3
 
 
-class SigtermAtStep4(Trainer):
-    def compute_loss(self, model, batch):
-        if self.state.step == 3 and not getattr(self, "_sent", False):
-            self._sent = True
-            os.kill(os.getpid(), signal.SIGTERM)
-        return super().compute_loss(model, batch)
-
-
-def test_a_log_window_cut_by_a_resume_averages_the_same_steps(tmp_path):
+def test_a_log_window_cut_by_a_resume_averages_the_same_steps(tmp_path, sigterm_trainer):
     """Stopped after step 4 (mid-window for log_every=3), resumed: the step-6 line still averages 4, 5, 6."""
     kw = dict(log_every=3, save_every=2)
     fit(make_cfg(tmp_path / "ref", **kw))
     out = tmp_path / "run"
-    stopped = fit(make_cfg(out, **kw), trainer_cls=SigtermAtStep4)
+    stopped = fit(make_cfg(out, **kw), trainer_cls=sigterm_trainer)
     assert stopped.metrics["status"] == "interrupted" and stopped.metrics["step"] == 4
     fit(make_cfg(out, resume="auto", **kw))
     strip = lambda rs: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rs]  # noqa: E731
