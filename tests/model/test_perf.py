@@ -326,12 +326,13 @@ def test_classifier_last_block_skips_the_unpooled_positions():
 
 
 # -- decoding steps without module calls --------------------------------------------------------------------
-@pytest.mark.parametrize("rows", [1, 5])  # 5: attention through matmul + softmax (ATTENTION_BMM_ROWS)
+@pytest.mark.parametrize("rows", [1, 5])
 @pytest.mark.parametrize("ragged", [False, True])
 def test_decoding_steps_without_module_calls_equal_the_module_path(rows, ragged, monkeypatch):
-    """`decode_block` (CPU float32 inference: oneDNN called directly, no module calls) gives the
-    module path's logits within 1e-5 over several steps, rows of one length or of different lengths
-    (the cache's key mask); a hook or a LoRA layer leaves no plan, so steps take the module path."""
+    """`decode_block` (CPU float32 inference: oneDNN called directly, no module calls, attention and the
+    cache write in one kernel) gives the module path's logits within 1e-5 over several steps, rows of one
+    length or of different lengths, and leaves the same keys and values in the cache; a hook or a LoRA
+    layer leaves no plan, so steps take the module path."""
     import gptforge.model.gpt as gpt_module
     from gptforge.model.generate import decode_step, prefill
     from gptforge.model.gpt import KVCache
@@ -347,7 +348,7 @@ def test_decoding_steps_without_module_calls_equal_the_module_path(rows, ragged,
     monkeypatch.setattr(gpt_module, "decode_block", lambda *a: used.append(1) or real_block(*a))
     monkeypatch.setattr(GPT, "decode_plan", lambda self: real_plan(self) if allow[0] else None)
 
-    def run() -> list[torch.Tensor]:
+    def run() -> tuple[list[torch.Tensor], KVCache]:
         cache = KVCache(model.cfg, rows, 40)
         with torch.inference_mode():
             tok = prefill(model, cache, 0, prompts).argmax(-1)
@@ -355,15 +356,18 @@ def test_decoding_steps_without_module_calls_equal_the_module_path(rows, ragged,
             for _ in range(6):
                 out.append(decode_step(model, cache, tok).clone())
                 tok = out[-1].argmax(-1)
-        return out
+        return out, cache
 
-    fast = run()
+    fast, fast_cache = run()
     assert len(used) == 6 * 3  # every step, every block
     allow[0] = False
-    plain = run()
+    plain, plain_cache = run()
     assert len(used) == 6 * 3
     for a, b in zip(fast, plain):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert fast_cache.lengths == plain_cache.lengths == [len(p) + 6 for p in prompts]
+    torch.testing.assert_close(fast_cache.k, plain_cache.k, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast_cache.v, plain_cache.v, atol=1e-5, rtol=1e-5)
     assert real_plan(model) is not None
     handle = model.blocks[1].mlp.fc.register_forward_hook(lambda m, i, o: None)
     assert real_plan(model) is None
@@ -403,3 +407,38 @@ def test_classifier_training_with_touched_rows_embedding_equals_the_dense_gradie
     dense, _ = train(False)
     for (name, a), b in zip(fast.named_parameters(), dense.parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6, msg=name)
+
+
+# -- the decoding step's attention kernel -------------------------------------------------------------------
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("heads,head_dim", [(3, 8), (2, 64)])
+def test_attend_kernel_equals_sdpa_and_writes_the_new_key_and_value(threads, heads, head_dim):
+    """`kernels.attend`: each row's new key and value land at its own length (nothing else in the cache
+    changes) and its output equals SDPA over that row's keys 0..length within 1e-5, for rows of different
+    lengths (0 cached positions included) and 1 or 2 threads."""
+    import numpy as np
+
+    from gptforge.model import kernels
+
+    if not kernels.available():
+        pytest.skip("numba is not installed")
+    g = torch.Generator().manual_seed(0)
+    B, M, C = 4, 12, heads * head_dim
+    keys = torch.randn(B, heads, M, head_dim, generator=g)
+    values = torch.randn(B, heads, M, head_dim, generator=g)
+    qkv = torch.randn(B, 3 * C, generator=g) * 3
+    lengths = np.array([0, 5, 11, 2], dtype=np.int64)
+    before_k, before_v = keys.clone(), values.clone()
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = kernels.attend(qkv, keys.numpy(), values.numpy(), lengths, head_dim**-0.5)
+    finally:
+        torch.set_num_threads(old)
+    q, k, v = qkv.view(B, 3, heads, head_dim).unbind(1)
+    for b, n in enumerate(lengths):
+        assert torch.equal(keys[b, :, n], k[b]) and torch.equal(values[b, :, n], v[b])
+        ref = F.scaled_dot_product_attention(q[b, :, None], keys[b, :, : n + 1], values[b, :, : n + 1])
+        torch.testing.assert_close(out[b], ref.reshape(C), atol=1e-5, rtol=1e-5)
+        before_k[b, :, n], before_v[b, :, n] = k[b], v[b]
+    assert torch.equal(keys, before_k) and torch.equal(values, before_v)  # no other position written

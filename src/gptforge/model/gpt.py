@@ -10,10 +10,12 @@ import math
 import os
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gptforge.model import kernels
 from gptforge.model.config import IGNORE_INDEX, GPTConfig
 from gptforge.model.perf import fused_linear_cross_entropy
 
@@ -205,6 +207,7 @@ class KVCache:
         self.plan: list | None = None  # GPT.decode_plan, made at each prefill into this cache
         self._rows = (0, 0)  # rows [start, stop) of the next forward pass
         self._views: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer: those rows' keys, values
+        self._arrays: list[tuple[np.ndarray, np.ndarray]] | None = None  # the same as numpy arrays
         self.use()
 
     def use(self, start: int = 0, stop: int | None = None) -> KVCache:
@@ -213,7 +216,22 @@ class KVCache:
         if rows != self._rows:  # decoding keeps its rows: the views are made once, not per step
             self._rows = rows
             self._views = [(k[rows[0] : rows[1]], v[rows[0] : rows[1]]) for k, v in zip(self.k, self.v)]
+            self._arrays = None
         return self
+
+    def decode_views(self, batch: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
+        """A CPU decoding step's view of the selected rows (`decode_block`): per layer their keys and values
+        as numpy arrays (the cache's memory), and each row's length (int64). The step writes each row's new
+        key and value at that length; `advance(1)` then counts them."""
+        start, stop = self._rows
+        if stop - start != batch:
+            raise ValueError(f"KV cache: a batch of {batch} rows, but rows [{start}, {stop}) are selected")
+        lengths = np.array(self.lengths[start:stop], dtype=np.int64)
+        if int(lengths.max()) + 1 > self.max_len:
+            raise ValueError(f"KV cache overflow: {int(lengths.max()) + 1} > {self.max_len}")
+        if self._arrays is None:
+            self._arrays = [(k.numpy(), v.numpy()) for k, v in self._views]
+        return self._arrays, lengths
 
     @property
     def pos(self) -> int:
@@ -364,11 +382,6 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-# One query a row over a cache read from memory: from this many rows, matmul + softmax + matmul beats CPU
-# SDPA's flash kernel (gpt2, 160 cached positions, 12 layers: 3.3 against 4.4 ms at 8 rows); below, SDPA.
-ATTENTION_BMM_ROWS = 4
-
-
 class BlockWeights(NamedTuple):
     """One block's tensors and sizes as `decode_block` reads them (`GPT.decode_plan`)."""
 
@@ -392,27 +405,19 @@ class BlockWeights(NamedTuple):
 
 
 def decode_block(
-    x: torch.Tensor, w: BlockWeights, mask: torch.Tensor | None, cache: KVCache, layer: int
+    x: torch.Tensor, w: BlockWeights, keys: np.ndarray, values: np.ndarray, lengths: np.ndarray
 ) -> torch.Tensor:
     """`Block.forward` for one new token per row in CPU float32 inference: x (B, C), `w` the block's entry
-    of `GPT.decode_plan`. The same ops on 2-D rows, oneDNN's GEMM called directly, no module calls (oneDNN's
-    fused GELU and residual-add post-ops were measured too: no faster at 8 rows, 7% slower at one).
-    Attention over the cache as `forward` does it (one query a row; `mask`: None or the cache's additive
-    key mask)."""
+    of `GPT.decode_plan`, `keys`/`values` the block's cache rows and `lengths` each row's cached positions
+    (`KVCache.decode_views`). The same ops on 2-D rows, oneDNN's GEMM called directly, no module calls
+    (oneDNN's fused GELU and residual-add post-ops were measured too: no faster at 8 rows, 7% slower at
+    one); attention, with the cache write, is one kernel (`kernels.attend`)."""
     B, C = x.shape
     pointwise = torch.ops.mkldnn._linear_pointwise
     h = F.layer_norm(x, (C,), w.ln1_w, w.ln1_b, w.ln1_eps)
     qkv = pointwise(h, w.qkv_w, w.qkv_b, "none", [], "")
-    q, k, v = qkv.view(B, 1, 3, w.heads, w.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    k, v = cache.update(layer, k, v)
-    if B >= ATTENTION_BMM_ROWS:
-        scores = torch.matmul(q, k.transpose(-1, -2)).mul_(w.head_dim**-0.5)
-        if mask is not None:
-            scores.add_(mask)
-        y = torch.matmul(scores.softmax(-1), v)
-    else:
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    x = x + pointwise(y.view(B, C), w.proj_w, w.proj_b, "none", [], "")
+    y = kernels.attend(qkv, keys, values, lengths, w.head_dim**-0.5)
+    x = x + pointwise(y, w.proj_w, w.proj_b, "none", [], "")
     h = F.layer_norm(x, (C,), w.ln2_w, w.ln2_b, w.ln2_eps)
     h = F.gelu(pointwise(h, w.fc_w, w.fc_b, "none", [], ""), approximate=w.approximate)
     return x + pointwise(h, w.out_w, w.out_b, "none", [], "")
@@ -526,12 +531,17 @@ class GPT(nn.Module):
         return (causal & key_ok) | (k_pos == q_pos)
 
     def decode_plan(self) -> list[BlockWeights] | None:
-        """What `decode_block` reads, per block, where decoding steps can take it: oneDNN present, every
-        block the plain modules in float32 (no LoRA layers, no hooks); else None. Made at each prefill and
+        """What `decode_block` reads, per block, where decoding steps can take it: oneDNN and numba present,
+        every block the plain modules in float32 (no LoRA layers, no hooks); else None. Made at each prefill and
         kept on its cache (`KVCache.plan`), so a decoding step does not walk the modules again."""
         from torch.nn.modules import module as nn_module
 
-        if not ONEDNN_LINEAR or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        if (
+            not ONEDNN_LINEAR
+            or not kernels.available()
+            or nn_module._global_forward_hooks
+            or nn_module._global_forward_pre_hooks
+        ):
             return None
         plan = []
         for block in self.blocks:
@@ -592,6 +602,25 @@ class GPT(nn.Module):
         classifier's forward), so a CPU training step may keep its gradient in `TouchedRowsEmbedding`.
         """
         B, T = input_ids.shape
+        if (
+            T == 1
+            and cache is not None
+            and attention_mask is None
+            and segment_ids is None
+            and cu_seqlens is None
+            and at is None
+            and not self.training
+            and input_ids.device.type == "cpu"
+            and cache.k.device.type == "cpu"
+            and cache.k.dtype == torch.float32
+            and self.tok_emb.weight.dtype == torch.float32
+            and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu")
+        ):
+            if cache.plan is None:
+                cache.plan = self.decode_plan()
+            if cache.plan is not None:
+                return self._decode_step(input_ids, position_ids, cache)
         ragged = cache.begin(B, T) if cache is not None else None
         past = cache.pos if cache is not None else 0
         if past + T > self.cfg.context_length:
@@ -626,24 +655,8 @@ class GPT(nn.Module):
         x = self._token_embeddings(input_ids, embedding_only_use) + self.pos_emb(position_ids)
         if self.training:
             x = self.drop(x)
-        if cache is not None and (T > 1 or cache.plan is None):
+        if cache is not None and T > 1:
             cache.plan = self.decode_plan()
-        if (
-            T == 1
-            and cache is not None
-            and cache.plan is not None
-            and not self.training
-            and x.device.type == "cpu"
-            and x.dtype == torch.float32
-            and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled("cpu")
-            and (mask is None or mask.dtype == x.dtype)
-        ):  # a decoding step without module calls (`decode_block`)
-            x2 = x.view(B, -1)
-            for i, w in enumerate(cache.plan):
-                x2 = decode_block(x2, w, mask, cache, i)
-            cache.advance(T)
-            return self.ln_f(x2.view(B, 1, -1))
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             x = block(x, mask, cache, i) if at is None or i < last else block(x, mask, cache, i, at=at)
@@ -652,6 +665,25 @@ class GPT(nn.Module):
         if cache is not None:
             cache.advance(T)
         return self.ln_f(x)
+
+    def _decode_step(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None, cache: KVCache
+    ) -> torch.Tensor:
+        """`hidden_states` of one new token per selected cache row, CPU float32 inference with a decode
+        plan: no module calls (`decode_block`), rows of any lengths, no mask."""
+        B = input_ids.shape[0]
+        views, lengths = cache.decode_views(B)
+        if int(lengths.max()) >= self.cfg.context_length:
+            raise ValueError(
+                f"sequence of {int(lengths.max()) + 1} tokens exceeds context_length={self.cfg.context_length}"
+            )
+        if position_ids is None:
+            position_ids = torch.from_numpy(lengths).view(B, 1)
+        x = (self.tok_emb(input_ids) + self.pos_emb(position_ids)).view(B, -1)
+        for w, (keys, values) in zip(cache.plan, views):
+            x = decode_block(x, w, keys, values, lengths)
+        cache.advance(1)
+        return self.ln_f(x.view(B, 1, -1))
 
     def _token_embeddings(self, input_ids: torch.Tensor, only_use: bool) -> torch.Tensor:
         """tok_emb(input_ids); in a CPU training step that uses the weight nowhere else (`only_use`), with
