@@ -192,12 +192,21 @@ def run(
         # the form gptforge.model.gpt.Linear runs here
         own_form = "onednn" if "onednn" in forms else "linear" if B == 1 or device != "cpu" else "w_xt"
         floor_fn = _floor_forms(model, B, device)[form]
-        engine = Engine(model, tokenizer, max_batch=B, max_queue=0).start()
 
-        def served(n, plist=plist, engine=engine):
-            reqs = [engine.submit(p, SamplingParams(max_tokens=n, eos_ids=())) for p in plist]
-            if not wait_all(reqs, 3600):
-                raise RuntimeError("engine: requests did not finish")
+        def served(n, plist=plist, B=B):
+            # An engine per run, stopped after it: a thread that has run OpenMP work keeps its own pool
+            # of OpenMP threads while it lives, and with more OpenMP threads than cores GNU OpenMP stops
+            # letting idle ones spin, so every parallel region of the other side waits for a wake-up
+            # (measured: generate() 20% slower at batch 8 while an idle engine thread lived). A server
+            # has one such thread, the engine's. Start and stop are in both engine runs, so they cancel
+            # out of "decoding alone".
+            engine = Engine(model, tokenizer, max_batch=B, max_queue=0).start()
+            try:
+                reqs = [engine.submit(p, SamplingParams(max_tokens=n, eos_ids=())) for p in plist]
+                if not wait_all(reqs, 3600):
+                    raise RuntimeError("engine: requests did not finish")
+            finally:
+                engine.stop()
             return [r.tokens for r in reqs]
 
         def floor(n=new_tokens, fn=floor_fn):
@@ -217,27 +226,24 @@ def run(
                     kv.k[:, :, :, :length].sum()
                     kv.v[:, :, :, :length].sum()
 
-        try:
-            ours(plist, 4), theirs(prompt, 4), served(4), floor(4)  # warm-up: same shapes, a few steps
-            outs: dict = {}
-            times = interleaved(
-                {
-                    "gptforge": lambda p=plist: ours(p, new_tokens),
-                    "engine": lambda: served(new_tokens),
-                    "transformers": lambda p=prompt: theirs(p, new_tokens),
-                    "floor": floor,
-                    "kv_read": kv_read,
-                    # prefill and first token only: the difference to the full runs is decoding alone
-                    "gptforge_first": lambda p=plist: ours(p, 1),
-                    "engine_first": lambda: served(1),
-                },
-                reps=reps[B],
-                warmup=0,
-                device=device,
-                outputs=outs,
-            )
-        finally:
-            engine.stop()
+        ours(plist, 4), theirs(prompt, 4), served(4), floor(4)  # warm-up: same shapes, a few steps
+        outs: dict = {}
+        times = interleaved(
+            {
+                "gptforge": lambda p=plist: ours(p, new_tokens),
+                "engine": lambda: served(new_tokens),
+                "transformers": lambda p=prompt: theirs(p, new_tokens),
+                "floor": floor,
+                "kv_read": kv_read,
+                # prefill and first token only: the difference to the full runs is decoding alone
+                "gptforge_first": lambda p=plist: ours(p, 1),
+                "engine_first": lambda: served(1),
+            },
+            reps=reps[B],
+            warmup=0,
+            device=device,
+            outputs=outs,
+        )
         med = {k: median(v) for k, v in times.items()}
         tps = {k: B * new_tokens / med[k] for k in ("gptforge", "engine", "transformers", "floor")}
         floor_tps = tps["floor"]
