@@ -95,6 +95,59 @@ CATEGORIES = {
 }
 
 
+def _seeded_model(preset: str, device: str) -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig.from_preset(preset)).to(device).eval()
+
+
+def _engine_worker(conn, preset: str, device: str, max_batch: int) -> None:
+    """The serve engine in a process of its own, as `gptforge serve` runs it: the model made on a thread
+    that has ended (see `gptforge.serve.app.load_served`), the engine's thread the only one with OpenMP
+    threads. Each message (prompts, n) runs them to n tokens and answers with their tokens."""
+    import concurrent.futures
+
+    from gptforge.model.tokenizer import Tokenizer
+    from gptforge.serve.engine import Engine, SamplingParams, wait_all
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        model = pool.submit(_seeded_model, preset, device).result()
+    engine = Engine(model, Tokenizer(), max_batch=max_batch, max_queue=0).start()
+    try:
+        while (msg := conn.recv()) is not None:
+            prompts, n = msg
+            reqs = [engine.submit(p, SamplingParams(max_tokens=n, eos_ids=())) for p in prompts]
+            if not wait_all(reqs, 3600):
+                raise RuntimeError("engine: requests did not finish")
+            conn.send([r.tokens for r in reqs])
+    finally:
+        engine.stop()
+
+
+class EngineProcess:
+    """The engine's runs, timed from here: a child process (the same seeded weights) runs each one.
+
+    Not in this process: a thread that has run OpenMP work keeps a pool of OpenMP threads while it lives,
+    and with more of them alive than cores GNU OpenMP lets none spin, so every parallel region waits for
+    a wake-up (measured: an idle engine thread made generate() 20% slower at batch 8, and this process's
+    pool the engine 21% slower). A server process has one such pool, the engine's."""
+
+    def __init__(self, preset: str, device: str, max_batch: int) -> None:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_engine_worker, args=(child, preset, device, max_batch), daemon=True)
+        self.proc.start()
+
+    def __call__(self, prompts: list[list[int]], n: int) -> list[list[int]]:
+        self.conn.send((prompts, n))
+        return self.conn.recv()
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.proc.join(60)
+
+
 def decode_breakdown(model: GPT, prompts: list[list[int]], steps: int, floor_s: float) -> dict:
     """Profile `steps` decoding steps (forward, LM head, argmax) after a prefill: milliseconds per step
     in each category of aten ops (self time), Python and dispatch (wall minus all aten ops), and the
@@ -158,14 +211,9 @@ def run(
     device: str,
     no_cache_tokens: int | None,
 ) -> list[dict]:
-    from gptforge.model.tokenizer import Tokenizer
-    from gptforge.serve.engine import Engine, SamplingParams, wait_all
-
-    torch.manual_seed(0)
-    model = GPT(GPTConfig.from_preset(preset)).to(device).eval()
+    model = _seeded_model(preset, device)
     hf = to_hf(model).to(device).eval()
     hf.generation_config.eos_token_id = None
-    tokenizer = Tokenizer()
     rows = []
 
     def ours(plist, n, use_cache=True):
@@ -193,21 +241,7 @@ def run(
         own_form = "onednn" if "onednn" in forms else "linear" if B == 1 or device != "cpu" else "w_xt"
         floor_fn = _floor_forms(model, B, device)[form]
 
-        def served(n, plist=plist, B=B):
-            # An engine per run, stopped after it: a thread that has run OpenMP work keeps its own pool
-            # of OpenMP threads while it lives, and with more OpenMP threads than cores GNU OpenMP stops
-            # letting idle ones spin, so every parallel region of the other side waits for a wake-up
-            # (measured: generate() 20% slower at batch 8 while an idle engine thread lived). A server
-            # has one such thread, the engine's. Start and stop are in both engine runs, so they cancel
-            # out of "decoding alone".
-            engine = Engine(model, tokenizer, max_batch=B, max_queue=0).start()
-            try:
-                reqs = [engine.submit(p, SamplingParams(max_tokens=n, eos_ids=())) for p in plist]
-                if not wait_all(reqs, 3600):
-                    raise RuntimeError("engine: requests did not finish")
-            finally:
-                engine.stop()
-            return [r.tokens for r in reqs]
+        served = EngineProcess(preset, device, B)
 
         def floor(n=new_tokens, fn=floor_fn):
             with torch.inference_mode():
@@ -226,24 +260,27 @@ def run(
                     kv.k[:, :, :, :length].sum()
                     kv.v[:, :, :, :length].sum()
 
-        ours(plist, 4), theirs(prompt, 4), served(4), floor(4)  # warm-up: same shapes, a few steps
-        outs: dict = {}
-        times = interleaved(
-            {
-                "gptforge": lambda p=plist: ours(p, new_tokens),
-                "engine": lambda: served(new_tokens),
-                "transformers": lambda p=prompt: theirs(p, new_tokens),
-                "floor": floor,
-                "kv_read": kv_read,
-                # prefill and first token only: the difference to the full runs is decoding alone
-                "gptforge_first": lambda p=plist: ours(p, 1),
-                "engine_first": lambda: served(1),
-            },
-            reps=reps[B],
-            warmup=0,
-            device=device,
-            outputs=outs,
-        )
+        try:
+            ours(plist, 4), theirs(prompt, 4), served(plist, 4), floor(4)  # warm-up: same shapes
+            outs: dict = {}
+            times = interleaved(
+                {
+                    "gptforge": lambda p=plist: ours(p, new_tokens),
+                    "engine": lambda p=plist, s=served: s(p, new_tokens),
+                    "transformers": lambda p=prompt: theirs(p, new_tokens),
+                    "floor": floor,
+                    "kv_read": kv_read,
+                    # prefill and first token only: the difference to the full runs is decoding alone
+                    "gptforge_first": lambda p=plist: ours(p, 1),
+                    "engine_first": lambda p=plist, s=served: s(p, 1),
+                },
+                reps=reps[B],
+                warmup=0,
+                device=device,
+                outputs=outs,
+            )
+        finally:
+            served.close()
         med = {k: median(v) for k, v in times.items()}
         tps = {k: B * new_tokens / med[k] for k in ("gptforge", "engine", "transformers", "floor")}
         floor_tps = tps["floor"]
