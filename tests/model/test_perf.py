@@ -442,3 +442,32 @@ def test_attend_kernel_equals_sdpa_and_writes_the_new_key_and_value(threads, hea
         torch.testing.assert_close(out[b], ref.reshape(C), atol=1e-5, rtol=1e-5)
         before_k[b, :, n], before_v[b, :, n] = k[b], v[b]
     assert torch.equal(keys, before_k) and torch.equal(values, before_v)  # no other position written
+
+
+def test_attend_kernel_compiles_without_a_writable_cache(monkeypatch):
+    """Where numba finds no writable cache dir (it raises at `cache=True`), the kernel is compiled for the
+    process instead, and computes the same."""
+    import numba
+    import numpy as np
+
+    from gptforge.model import kernels
+
+    if not kernels.available():
+        pytest.skip("numba is not installed")
+    real_njit = numba.njit
+
+    def no_cache_dir(*args, **kwargs):
+        if kwargs.get("cache"):
+            raise RuntimeError("cannot cache function 'attend_kernel': no locator available")
+        return real_njit(*args, **kwargs)
+
+    monkeypatch.setattr(numba, "njit", no_cache_dir)
+    monkeypatch.setattr(kernels, "_attend", None)
+    g = torch.Generator().manual_seed(1)
+    keys, values = torch.randn(2, 2, 6, 8, generator=g), torch.randn(2, 2, 6, 8, generator=g)
+    qkv = torch.randn(2, 48, generator=g)
+    out = kernels.attend(qkv, keys.numpy(), values.numpy(), np.array([3, 0]), 8**-0.5)
+    q, k, v = qkv.view(2, 3, 2, 8).unbind(1)
+    for b, n in enumerate([3, 0]):
+        ref = F.scaled_dot_product_attention(q[b, :, None], keys[b, :, : n + 1], values[b, :, : n + 1])
+        torch.testing.assert_close(out[b], ref.reshape(16), atol=1e-5, rtol=1e-5)

@@ -11,11 +11,13 @@ length, so rows of different lengths need no mask.
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 import torch
 
 _attend = None  # the compiled kernel, built at the first call
+_build_lock = threading.Lock()
 _available: bool | None = None
 
 
@@ -40,7 +42,6 @@ def _build():
         # spin against each other on few cores; numba's default prefers TBB where it is installed)
         numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
 
-    @numba.njit(parallel=True, nogil=True, cache=True, fastmath={"reassoc", "contract", "nsz"})
     def attend_kernel(qkv, keys, values, lengths, scale, out):
         rows, heads, dim = qkv.shape[0], keys.shape[1], keys.shape[3]
         width = heads * dim
@@ -76,7 +77,11 @@ def _build():
             for d in range(dim):
                 out[b, h * dim + d] = acc[d] / total
 
-    return numba, attend_kernel
+    options = dict(parallel=True, nogil=True, fastmath={"reassoc", "contract", "nsz"})
+    try:  # compiled once, then loaded from numba's on-disk cache
+        return numba, numba.njit(cache=True, **options)(attend_kernel)
+    except RuntimeError:  # no writable cache dir (numba raises when it finds none): compile per process
+        return numba, numba.njit(**options)(attend_kernel)
 
 
 def attend(
@@ -91,7 +96,9 @@ def attend(
     """
     global _attend
     if _attend is None:
-        _attend = _build()
+        with _build_lock:
+            if _attend is None:
+                _attend = _build()
     numba, kernel = _attend
     # the kernel's threads: torch's count (a user's torch.set_num_threads holds for it too)
     numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
