@@ -531,9 +531,10 @@ class GPT(nn.Module):
         return (causal & key_ok) | (k_pos == q_pos)
 
     def decode_plan(self) -> list[BlockWeights] | None:
-        """What `decode_block` reads, per block, where decoding steps can take it: oneDNN and numba present,
-        every block the plain modules in float32 (no LoRA layers, no hooks); else None. Made at each prefill and
-        kept on its cache (`KVCache.plan`), so a decoding step does not walk the modules again."""
+        """What `decode_block` reads, per block, where decoding steps can take it: oneDNN and numba
+        present, every block the plain modules in float32 (no LoRA layers, no hooks); else None. Made at
+        each prefill and kept on its cache (`KVCache.plan`), so a decoding step does not walk the modules
+        again."""
         from torch.nn.modules import module as nn_module
 
         if (
@@ -673,10 +674,9 @@ class GPT(nn.Module):
         plan: no module calls (`decode_block`), rows of any lengths, no mask."""
         B = input_ids.shape[0]
         views, lengths = cache.decode_views(B)
-        if int(lengths.max()) >= self.cfg.context_length:
-            raise ValueError(
-                f"sequence of {int(lengths.max()) + 1} tokens exceeds context_length={self.cfg.context_length}"
-            )
+        longest = int(lengths.max()) + 1
+        if longest > self.cfg.context_length:
+            raise ValueError(f"sequence of {longest} tokens exceeds context_length={self.cfg.context_length}")
         if position_ids is None:
             position_ids = torch.from_numpy(lengths).view(B, 1)
         x = (self.tok_emb(input_ids) + self.pos_emb(position_ids)).view(B, -1)
