@@ -473,20 +473,21 @@ def test_attend_kernel_compiles_without_a_writable_cache(monkeypatch):
         torch.testing.assert_close(out[b], ref.reshape(16), atol=1e-5, rtol=1e-5)
 
 
-def test_a_decoding_step_past_the_context_window_is_refused():
-    """The CPU decoding step refuses a token past `context_length` (the cache may be longer) and one past
-    the cache's end, as the module path does, and writes nothing."""
-    from gptforge.model import kernels
+@pytest.mark.parametrize("planned", [True, False])
+def test_a_decoding_step_past_the_context_window_is_refused(planned, monkeypatch):
+    """A decoding step refuses a token past `context_length` (the cache may be longer) and one past the
+    cache's end, with the decode plan (CPU kernel) and on the module path alike, and writes nothing."""
     from gptforge.model.generate import decode_step, prefill
     from gptforge.model.gpt import KVCache
 
-    if not kernels.available():
-        pytest.skip("numba is not installed")
+    if not planned:
+        monkeypatch.setattr(GPT, "decode_plan", lambda self: None)
     model = GPT(GPTConfig.from_preset("test-tiny", vocab_size=50, context_length=8)).eval()
     with torch.inference_mode():
         cache = KVCache(model.cfg, 2, 12)
         tok = prefill(model, cache, 0, [list(range(8)), list(range(5))]).argmax(-1)
-        assert cache.plan is not None  # the step below takes the decode plan
+        if planned and model.decode_plan() is None:
+            pytest.skip("no decode plan here (no oneDNN or no numba)")
         before = cache.k.clone()
         with pytest.raises(ValueError, match="sequence of 9 tokens exceeds context_length=8"):
             decode_step(model, cache, tok)
