@@ -204,7 +204,7 @@ class KVCache:
         self._flat: torch.Tensor | None = None  # ragged pass: flat (row, head, position) index of new keys
         self._width = 0  # ragged pass: keys read per row (longest row + 1)
         self.key_mask: torch.Tensor | None = None  # ragged pass: additive (B, 1, 1, width) mask
-        self.plan: list | None = None  # GPT.decode_plan, made at each prefill into this cache
+        self.plan: list | None = None  # GPT.decode_plan, made at the first decoding step after each prefill
         self._rows = (0, 0)  # rows [start, stop) of the next forward pass
         self._views: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer: those rows' keys, values
         self._arrays: list[tuple[np.ndarray, np.ndarray]] | None = None  # the same as numpy arrays
@@ -223,15 +223,20 @@ class KVCache:
         """A CPU decoding step's view of the selected rows (`decode_block`): per layer their keys and values
         as numpy arrays (the cache's memory), and each row's length (int64). The step writes each row's new
         key and value at that length; `advance(1)` then counts them."""
-        start, stop = self._rows
-        if stop - start != batch:
-            raise ValueError(f"KV cache: a batch of {batch} rows, but rows [{start}, {stop}) are selected")
-        lengths = np.array(self.lengths[start:stop], dtype=np.int64)
-        if int(lengths.max()) + 1 > self.max_len:
-            raise ValueError(f"KV cache overflow: {int(lengths.max()) + 1} > {self.max_len}")
+        lengths = np.array(self._selected_lengths(batch, 1), dtype=np.int64)
         if self._arrays is None:
             self._arrays = [(k.numpy(), v.numpy()) for k, v in self._views]
         return self._arrays, lengths
+
+    def _selected_lengths(self, batch: int, new: int) -> list[int]:
+        """The selected rows' lengths, checked to be `batch` rows with room for `new` more tokens each."""
+        start, stop = self._rows
+        if stop - start != batch:
+            raise ValueError(f"KV cache: a batch of {batch} rows, but rows [{start}, {stop}) are selected")
+        lens = self.lengths[start:stop]
+        if max(lens) + new > self.max_len:
+            raise ValueError(f"KV cache overflow: {max(lens) + new} > {self.max_len}")
+        return lens
 
     @property
     def pos(self) -> int:
@@ -246,12 +251,8 @@ class KVCache:
         each row's position (B, 1) for its one new token, with `key_mask` hiding keys past each row.
         """
         start, stop = self._rows
-        if stop - start != batch:
-            raise ValueError(f"KV cache: a batch of {batch} rows, but rows [{start}, {stop}) are selected")
-        lens = self.lengths[start:stop]
+        lens = self._selected_lengths(batch, new)
         longest = max(lens)
-        if longest + new > self.max_len:
-            raise ValueError(f"KV cache overflow: {longest + new} > {self.max_len}")
         if min(lens) == longest:
             self._past, self._flat, self.key_mask = longest, None, None
             return None
@@ -533,8 +534,8 @@ class GPT(nn.Module):
     def decode_plan(self) -> list[BlockWeights] | None:
         """What `decode_block` reads, per block, where decoding steps can take it: oneDNN and numba
         present, every block the plain modules in float32 (no LoRA layers, no hooks); else None. Made at
-        each prefill and kept on its cache (`KVCache.plan`), so a decoding step does not walk the modules
-        again."""
+        the first CPU decoding step after each prefill and kept on its cache (`KVCache.plan`), so the
+        steps after it do not walk the modules again."""
         from torch.nn.modules import module as nn_module
 
         if (
@@ -624,10 +625,7 @@ class GPT(nn.Module):
                 return self._decode_step(input_ids, position_ids, cache)
         ragged = cache.begin(B, T) if cache is not None else None
         past = cache.pos if cache is not None else 0
-        if past + T > self.cfg.context_length:
-            raise ValueError(
-                f"sequence of {past + T} tokens exceeds context_length={self.cfg.context_length}"
-            )
+        self._check_length(past + T)
         if segment_ids is not None:
             if cache is not None or attention_mask is not None:
                 raise ValueError("segment_ids (packed rows) take no cache and no attention_mask")
@@ -657,7 +655,7 @@ class GPT(nn.Module):
         if self.training:
             x = self.drop(x)
         if cache is not None and T > 1:
-            cache.plan = self.decode_plan()
+            cache.plan = None  # weights or modules may have changed since: made anew at the next step
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             x = block(x, mask, cache, i) if at is None or i < last else block(x, mask, cache, i, at=at)
@@ -667,6 +665,10 @@ class GPT(nn.Module):
             cache.advance(T)
         return self.ln_f(x)
 
+    def _check_length(self, n: int) -> None:
+        if n > self.cfg.context_length:
+            raise ValueError(f"sequence of {n} tokens exceeds context_length={self.cfg.context_length}")
+
     def _decode_step(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor | None, cache: KVCache
     ) -> torch.Tensor:
@@ -674,9 +676,7 @@ class GPT(nn.Module):
         plan: no module calls (`decode_block`), rows of any lengths, no mask."""
         B = input_ids.shape[0]
         views, lengths = cache.decode_views(B)
-        longest = int(lengths.max()) + 1
-        if longest > self.cfg.context_length:
-            raise ValueError(f"sequence of {longest} tokens exceeds context_length={self.cfg.context_length}")
+        self._check_length(int(lengths.max()) + 1)
         if position_ids is None:
             position_ids = torch.from_numpy(lengths).view(B, 1)
         x = (self.tok_emb(input_ids) + self.pos_emb(position_ids)).view(B, -1)
