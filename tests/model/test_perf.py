@@ -410,6 +410,16 @@ def test_classifier_training_with_touched_rows_embedding_equals_the_dense_gradie
 
 
 # -- the decoding step's attention kernel -------------------------------------------------------------------
+def _assert_attends_like_sdpa(out, qkv, keys, values, lengths) -> None:
+    """Row b of `kernels.attend`'s output equals SDPA of its query over keys/values 0..lengths[b] (the
+    cache after the kernel wrote the new key and value at lengths[b]) within 1e-5."""
+    B, heads, _, head_dim = keys.shape
+    q = qkv.view(B, 3, heads, head_dim)[:, 0]
+    for b, n in enumerate(lengths):
+        ref = F.scaled_dot_product_attention(q[b, :, None], keys[b, :, : n + 1], values[b, :, : n + 1])
+        torch.testing.assert_close(out[b], ref.reshape(heads * head_dim), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("heads,head_dim", [(3, 8), (2, 64)])
 def test_attend_kernel_equals_sdpa_and_writes_the_new_key_and_value(threads, heads, head_dim):
@@ -435,13 +445,12 @@ def test_attend_kernel_equals_sdpa_and_writes_the_new_key_and_value(threads, hea
         out = kernels.attend(qkv, keys.numpy(), values.numpy(), lengths, head_dim**-0.5)
     finally:
         torch.set_num_threads(old)
-    q, k, v = qkv.view(B, 3, heads, head_dim).unbind(1)
+    _, k, v = qkv.view(B, 3, heads, head_dim).unbind(1)
     for b, n in enumerate(lengths):
         assert torch.equal(keys[b, :, n], k[b]) and torch.equal(values[b, :, n], v[b])
-        ref = F.scaled_dot_product_attention(q[b, :, None], keys[b, :, : n + 1], values[b, :, : n + 1])
-        torch.testing.assert_close(out[b], ref.reshape(C), atol=1e-5, rtol=1e-5)
         before_k[b, :, n], before_v[b, :, n] = k[b], v[b]
     assert torch.equal(keys, before_k) and torch.equal(values, before_v)  # no other position written
+    _assert_attends_like_sdpa(out, qkv, keys, values, lengths)
 
 
 def test_attend_kernel_compiles_without_a_writable_cache(monkeypatch):
@@ -466,11 +475,9 @@ def test_attend_kernel_compiles_without_a_writable_cache(monkeypatch):
     g = torch.Generator().manual_seed(1)
     keys, values = torch.randn(2, 2, 6, 8, generator=g), torch.randn(2, 2, 6, 8, generator=g)
     qkv = torch.randn(2, 48, generator=g)
-    out = kernels.attend(qkv, keys.numpy(), values.numpy(), np.array([3, 0]), 8**-0.5)
-    q, k, v = qkv.view(2, 3, 2, 8).unbind(1)
-    for b, n in enumerate([3, 0]):
-        ref = F.scaled_dot_product_attention(q[b, :, None], keys[b, :, : n + 1], values[b, :, : n + 1])
-        torch.testing.assert_close(out[b], ref.reshape(16), atol=1e-5, rtol=1e-5)
+    lengths = np.array([3, 0])
+    out = kernels.attend(qkv, keys.numpy(), values.numpy(), lengths, 8**-0.5)
+    _assert_attends_like_sdpa(out, qkv, keys, values, lengths)
 
 
 @pytest.mark.parametrize("planned", [True, False])
