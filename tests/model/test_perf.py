@@ -328,11 +328,12 @@ def test_classifier_last_block_skips_the_unpooled_positions():
 # -- decoding steps without module calls --------------------------------------------------------------------
 @pytest.mark.parametrize("rows", [1, 5])
 @pytest.mark.parametrize("ragged", [False, True])
-def test_decoding_steps_without_module_calls_equal_the_module_path(rows, ragged, monkeypatch):
+@pytest.mark.parametrize("activation", ["gelu_new", "gelu"])
+def test_decoding_steps_without_module_calls_equal_the_module_path(rows, ragged, activation, monkeypatch):
     """`decode_block` (CPU float32 inference: oneDNN called directly, no module calls, attention and the
-    cache write in one kernel) gives the module path's logits within 1e-5 over several steps, rows of one
-    length or of different lengths, and leaves the same keys and values in the cache; a hook or a LoRA
-    layer leaves no plan, so steps take the module path."""
+    cache write in one kernel, the GELU inside the GEMM from 2 rows) gives the module path's logits within
+    1e-5 over several steps, rows of one length or of different lengths, either GELU, and leaves the same
+    keys and values in the cache; a hook or a LoRA layer leaves no plan, so steps take the module path."""
     import gptforge.model.gpt as gpt_module
     from gptforge.model.generate import decode_step, prefill
     from gptforge.model.gpt import KVCache
@@ -341,7 +342,7 @@ def test_decoding_steps_without_module_calls_equal_the_module_path(rows, ragged,
     if not gpt_module.ONEDNN_LINEAR:
         pytest.skip("this torch has no oneDNN linear kernel")
     torch.manual_seed(0)
-    model = GPT(GPTConfig.from_preset("test-tiny", vocab_size=80, n_layers=3)).eval()
+    model = GPT(GPTConfig.from_preset("test-tiny", vocab_size=80, n_layers=3, activation=activation)).eval()
     prompts = [list(range(3 + (i if ragged else 0), 9 + (2 * i if ragged else 0))) for i in range(rows)]
     used, allow = [], [True]
     real_block, real_plan = gpt_module.decode_block, GPT.decode_plan
@@ -421,23 +422,36 @@ def _assert_attends_like_sdpa(out, qkv, keys, values, lengths) -> None:
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("heads,head_dim", [(3, 8), (2, 64)])
-def test_attend_kernel_equals_sdpa_and_writes_the_new_key_and_value(threads, heads, head_dim):
+@pytest.mark.parametrize(
+    "heads,head_dim,max_len,lengths,peak",
+    [
+        (3, 8, 12, [0, 5, 11, 2], 3.0),
+        (2, 64, 12, [0, 5, 11, 2], 3.0),
+        # rows longer than the prefetch distance (24 positions at width 64, 192 at width 8), and queries
+        # large enough that scores fall more than 87 below a row's top (exp's underflow end)
+        (2, 64, 320, [0, 23, 24, 319], 30.0),
+        (3, 8, 320, [191, 5, 319, 200], 30.0),
+    ],
+)
+def test_attend_kernel_equals_sdpa_and_writes_the_new_key_and_value(
+    threads, heads, head_dim, max_len, lengths, peak
+):
     """`kernels.attend`: each row's new key and value land at its own length (nothing else in the cache
     changes) and its output equals SDPA over that row's keys 0..length within 1e-5, for rows of different
-    lengths (0 cached positions included) and 1 or 2 threads."""
+    lengths (0 cached positions included, and rows past the prefetch distance), peaked and flat
+    softmaxes, the compiled width 64 and another, and 1 or 2 threads."""
     import numpy as np
 
     from gptforge.model import kernels
 
     if not kernels.available():
-        pytest.skip("numba is not installed")
+        pytest.skip("no CPU attention kernel here (numba missing)")
     g = torch.Generator().manual_seed(0)
-    B, M, C = 4, 12, heads * head_dim
-    keys = torch.randn(B, heads, M, head_dim, generator=g)
-    values = torch.randn(B, heads, M, head_dim, generator=g)
-    qkv = torch.randn(B, 3 * C, generator=g) * 3
-    lengths = np.array([0, 5, 11, 2], dtype=np.int64)
+    B, C = len(lengths), heads * head_dim
+    keys = torch.randn(B, heads, max_len, head_dim, generator=g)
+    values = torch.randn(B, heads, max_len, head_dim, generator=g)
+    qkv = torch.randn(B, 3 * C, generator=g) * peak
+    lengths = np.array(lengths, dtype=np.int64)
     before_k, before_v = keys.clone(), values.clone()
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -451,6 +465,72 @@ def test_attend_kernel_equals_sdpa_and_writes_the_new_key_and_value(threads, hea
         before_k[b, :, n], before_v[b, :, n] = k[b], v[b]
     assert torch.equal(keys, before_k) and torch.equal(values, before_v)  # no other position written
     _assert_attends_like_sdpa(out, qkv, keys, values, lengths)
+    if peak > 10:  # the case reaches exp's underflow end
+        q = qkv.view(B, 3, heads, head_dim)[:, 0]
+        scores = torch.einsum("bhd,bhtd->bht", q, keys[:, :, : int(lengths.max()) + 1]) * head_dim**-0.5
+        assert (scores.amax(-1, keepdim=True) - scores).max() > 87
+
+
+def test_softmax_weights_exp_is_within_4e_7_of_exp():
+    """The kernel's vectorizable exp: within 4e-7 of exp (float64, relative; numpy's float32 exp: 2e-7)
+    wherever exp(x) is a normal float
+    (x >= -87), a positive value under 1.7e-38 below, exactly 1 at the top score, NaN for NaN; it returns
+    the weights' sum."""
+    import numpy as np
+
+    from gptforge.model import kernels
+
+    if not kernels.available():
+        pytest.skip("no CPU attention kernel here (numba missing)")
+    rng = np.random.default_rng(0)
+    x = np.concatenate(
+        [
+            -rng.random(200_000) * 87,
+            -rng.random(200_000) * 2,
+            [0.0, -1e-30, -1e-7, -0.3465736, -0.3465737, -87.0, -86.99],
+        ]
+    ).astype(np.float32)
+    top = np.float32(5.0)
+    scores = x + top  # the kernel's inputs: scores, and the top score subtracted from them
+    x = scores - top  # the differences as float32 computes them
+    total = kernels.softmax_weights(scores, np.empty(len(scores), np.int32), len(scores), top)
+    exact = np.exp(x.astype(np.float64))
+    assert np.abs(scores / exact - 1).max() < 4e-7
+    assert total == pytest.approx(scores.astype(np.float64).sum(), rel=1e-5)
+    assert scores[len(scores) - 7] == 1.0
+    tail = np.array([-87.5, -100.0, -1e30, -np.inf, np.nan], np.float32)
+    out = tail.copy()
+    kernels.softmax_weights(out, np.empty(5, np.int32), 5, np.float32(0.0))
+    assert (out[:4] > 0).all() and (out[:4] < 1.7e-38).all() and np.isnan(out[4])
+
+
+def test_without_the_kernel_decoding_takes_the_module_path(monkeypatch, caplog):
+    """Where the kernel cannot be built (say, an llvmlite without an intrinsic it uses), `available()`
+    is False with the reason logged once, no decode plan is made, and decoding gives the same tokens on the
+    module path."""
+    import logging
+
+    from gptforge.model import kernels
+    from gptforge.model.generate import generate
+
+    model = GPT(GPTConfig.from_preset("test-tiny", vocab_size=64)).eval()
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    with_kernel = generate(model, prompts, max_new_tokens=6, eos_token_id=None)
+
+    def broken():
+        raise ValueError("no intrinsic llvm.prefetch here")
+
+    monkeypatch.setattr(kernels, "_build", broken)
+    monkeypatch.setattr(kernels, "_available", None)
+    monkeypatch.setattr(kernels, "_attend", None)
+    with caplog.at_level(logging.WARNING, logger="gptforge.model.kernels"):
+        assert not kernels.available() and not kernels.available()
+    assert [r.getMessage() for r in caplog.records] == [
+        "CPU attention kernel unavailable, decoding takes the module path: ValueError: no intrinsic "
+        "llvm.prefetch here"
+    ]
+    assert model.decode_plan() is None
+    assert generate(model, prompts, max_new_tokens=6, eos_token_id=None) == with_kernel
 
 
 def test_attend_kernel_compiles_without_a_writable_cache(monkeypatch):
@@ -462,7 +542,7 @@ def test_attend_kernel_compiles_without_a_writable_cache(monkeypatch):
     from gptforge.model import kernels
 
     if not kernels.available():
-        pytest.skip("numba is not installed")
+        pytest.skip("no CPU attention kernel here (numba missing)")
     real_njit = numba.njit
 
     def no_cache_dir(*args, **kwargs):
@@ -472,6 +552,7 @@ def test_attend_kernel_compiles_without_a_writable_cache(monkeypatch):
 
     monkeypatch.setattr(numba, "njit", no_cache_dir)
     monkeypatch.setattr(kernels, "_attend", None)
+    monkeypatch.setattr(kernels, "_available", None)
     g = torch.Generator().manual_seed(1)
     keys, values = torch.randn(2, 2, 6, 8, generator=g), torch.randn(2, 2, 6, 8, generator=g)
     qkv = torch.randn(2, 48, generator=g)
