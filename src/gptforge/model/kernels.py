@@ -5,12 +5,13 @@ the time a step spends outside its weight matmuls. torch runs it as a batched ma
 softmax and another batched product (about 2x the time of just reading the cache on a 2-core AVX-512
 host, gpt2, 160 cached positions); `attend` reads the keys and the values once per (row, head), writes
 the new token's key and value into the cache itself, and takes every row's own length, so rows of
-different lengths need no mask. Three things make it run at the speed of that read inside a real
-decoding step (gpt2, 8 rows, 160 positions, between the layers' weight matmuls, which evict the cache):
-it prefetches the keys and values it reads PREFETCH_BYTES ahead (each (row, head) is a short stream of
-its own, which the hardware prefetcher alone picks up late: 3.0 -> 2.3-2.4 ms a step), its softmax runs a
-vectorizable exp (`softmax_weights`; a scalar libm exp per score cost 0.25 ms a step) and the head width
-of every GPT-2 size, 64, is compiled as a constant.
+different lengths need no mask. Inside a real decoding step (gpt2, 8 rows, 160 positions, between the
+layers' weight matmuls, which evict the cache) three things bring it from 3.16 to 2.36 ms a step (the
+same process, interleaved), 1.1x to 1.2x a plain parallel read of the same rows: it prefetches the keys
+and values it reads PREFETCH_BYTES ahead (each (row, head) is a short stream of its own, which the
+hardware prefetcher alone picks up late), its softmax runs a vectorizable exp (`softmax_weights`; a
+scalar libm exp per score cost 0.25 ms a step), and the head width of every GPT-2 size, 64, is compiled
+as a constant (0.2 ms).
 """
 
 from __future__ import annotations
@@ -156,9 +157,10 @@ def _build():
     import numba
 
     if "NUMBA_THREADING_LAYER" not in os.environ:
-        # OpenMP first: its threads wait for the next call spinning, as torch's do (numba's default
-        # prefers TBB where it is installed; its own workqueue layer made a gpt2 step 15% slower). It is
-        # the system's libgomp, not the copy torch ships: two pools of threads, each a thread per core.
+        # OpenMP first, whose threads wait spinning for the next call (numba's default prefers TBB where
+        # it is installed; its own workqueue layer made a gpt2 step 15% slower). numba's OpenMP layer links
+        # the system's libgomp, but its calls bind to the libgomp torch has already put in the global
+        # symbol scope: the kernel runs on torch's OpenMP threads (a step keeps 2 threads busy, not 3).
         numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
     try:
         exp, kernel = _kernels(cache=True)
