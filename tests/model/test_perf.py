@@ -473,9 +473,8 @@ def test_attend_kernel_equals_sdpa_and_writes_the_new_key_and_value(
 
 def test_softmax_weights_exp_is_within_4e_7_of_exp():
     """The kernel's vectorizable exp: within 4e-7 of exp (float64, relative; numpy's float32 exp: 2e-7)
-    wherever exp(x) is a normal float
-    (x >= -87), a positive value under 1.7e-38 below, exactly 1 at the top score, NaN for NaN; it returns
-    the weights' sum."""
+    wherever exp(x) is a normal float (x >= -87), a positive value under 1.7e-38 below, exactly 1 at the
+    top score, NaN for NaN; it returns the weights' sum."""
     import numpy as np
 
     from gptforge.model import kernels

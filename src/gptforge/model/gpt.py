@@ -536,10 +536,10 @@ class GPT(nn.Module):
         return (causal & key_ok) | (k_pos == q_pos)
 
     def decode_plan(self) -> list[BlockWeights] | None:
-        """What `decode_block` reads, per block, where decoding steps can take it: oneDNN and numba
-        present, every block the plain modules in float32 (no LoRA layers, no hooks); else None. Made at
-        the first CPU decoding step after each prefill and kept on its cache (`KVCache.plan`), so the
-        steps after it do not walk the modules again."""
+        """What `decode_block` reads, per block, where decoding steps can take it: oneDNN present, the
+        attention kernel built (`kernels.available`), every block the plain modules in float32 (no LoRA
+        layers, no hooks); else None. Made at the first CPU decoding step after each prefill and kept on
+        its cache (`KVCache.plan`), so the steps after it do not walk the modules again."""
         from torch.nn.modules import module as nn_module
 
         if (
