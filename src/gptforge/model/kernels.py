@@ -29,14 +29,15 @@ log = logging.getLogger(__name__)
 # a 64-wide head; 4-8 KB measured alike, 12 KB slower, on the 2-core EPYC)
 PREFETCH_BYTES = 6144
 
-_attend = None  # (numba, softmax_weights, the kernel), built at the first `available()`
+_attend = None  # (numba, the kernel), built at the first `available()`
 _prefetch = softmax_weights = _head = None  # the kernel's parts (`_kernels`)
 _build_lock = threading.Lock()
 _available: bool | None = None
 
 
 def _kernels(cache: bool):
-    """Compile (or load from numba's on-disk cache) `softmax_weights` and the attention kernel."""
+    """The attention kernel, compiled (or loaded from numba's on-disk cache) at its first call; its parts
+    become module globals (`softmax_weights` among them)."""
     import numba
     from llvmlite import ir
     from numba.core import cgutils, types
@@ -154,13 +155,13 @@ def _kernels(cache: bool):
             else:
                 _head(q, k, v, n + 1, scale, o, dim, scores[job], bits[job], acc[job])
 
-    return softmax_weights, attend_kernel
+    return attend_kernel
 
 
 def _build():
-    """numba, the compiled `softmax_weights` and attention kernel: compiled (or loaded from numba's on-disk
-    cache) by a first call on tiny arrays of the types a decoding step passes; without a writable numba
-    cache dir, compiled for this process."""
+    """numba and the attention kernel, compiled (or loaded from numba's on-disk cache) by a first call on
+    tiny arrays of the types a decoding step passes; without a writable numba cache dir, compiled for
+    this process."""
     import numba
 
     if "NUMBA_THREADING_LAYER" not in os.environ:
@@ -170,13 +171,13 @@ def _build():
         # symbol scope: the kernel runs on torch's OpenMP threads (a step keeps 2 threads busy, not 3).
         numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
     try:
-        exp, kernel = _kernels(cache=True)
+        kernel = _kernels(cache=True)
     except RuntimeError:  # numba raises where it finds no writable cache dir
-        exp, kernel = _kernels(cache=False)
+        kernel = _kernels(cache=False)
     keys = np.zeros((1, 1, 2, 64), np.float32)
     kernel(np.zeros((1, 192), np.float32), keys, keys.copy(), np.zeros(1, np.int64), np.float32(1.0),
            np.zeros((1, 64), np.float32))  # fmt: skip
-    return numba, exp, kernel
+    return numba, kernel
 
 
 def available() -> bool:
@@ -210,7 +211,7 @@ def attend(
     """
     if not available():
         raise RuntimeError("the CPU attention kernel is not available here (see kernels.available)")
-    numba, _, kernel = _attend
+    numba, kernel = _attend
     # the kernel's threads: torch's count (a user's torch.set_num_threads holds for it too)
     numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     out = torch.empty(qkv.shape[0], qkv.shape[1] // 3)
