@@ -104,13 +104,11 @@ def _engine_worker(conn, preset: str, device: str, max_batch: int) -> None:
     """The serve engine in a process of its own, as `gptforge serve` runs it: the model made on a thread
     that has ended (see `gptforge.serve.app.load_served`), the engine's thread the only one with OpenMP
     threads. Each message (prompts, n) runs them to n tokens and answers with their tokens."""
-    import concurrent.futures
-
+    from gptforge.machine import on_a_thread_that_ends
     from gptforge.model.tokenizer import Tokenizer
     from gptforge.serve.engine import Engine, SamplingParams, wait_all
 
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        model = pool.submit(_seeded_model, preset, device).result()
+    model = on_a_thread_that_ends(_seeded_model, preset, device)
     engine = Engine(model, Tokenizer(), max_batch=max_batch, max_queue=0).start()
     try:
         while (msg := conn.recv()) is not None:

@@ -132,3 +132,17 @@ def release_freed_memory() -> None:
     """Hand the heap's free pages back to the kernel (after training, where `keep_freed_memory` held them)."""
     if _allocator_tuned:  # only ever set where _glibc() found the library
         _glibc().malloc_trim(0)
+
+
+def on_a_thread_that_ends(fn, *args, **kwargs):
+    """fn(*args, **kwargs), run on a thread of its own that has ended when this returns.
+
+    torch's CPU threads are GNU OpenMP's: a thread that has run a parallel region keeps a pool of OpenMP
+    threads while it lives, and with more of them alive than cores GNU OpenMP lets none spin, so every
+    parallel region waits for a wake-up. Work done before a long-lived worker thread takes over (loading
+    the model a server then decodes with) runs here, so that the worker's pool is the only one (measured:
+    gpt2 at 8 requests decoded 21% slower after a load on the main thread, 2 cores)."""
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gptforge-setup") as pool:
+        return pool.submit(fn, *args, **kwargs).result()

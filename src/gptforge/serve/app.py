@@ -14,7 +14,6 @@ message, the system message is the instruction and the user message its input); 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import functools
 import hmac
 import json
@@ -36,6 +35,7 @@ from starlette.exceptions import HTTPException
 
 from gptforge.errors import ConfigError
 from gptforge.export.chat_template import PLAIN_STOP_STRINGS, messages_to_record, render_plain
+from gptforge.machine import on_a_thread_that_ends
 from gptforge.serve.engine import EOT_ID, Engine, EngineError, Request, SamplingParams
 
 log = logging.getLogger("gptforge.serve")
@@ -113,12 +113,7 @@ def load_served(
             f"model={path}: not a gptforge checkpoint, LoRA adapter dir or Hugging Face GPT-2 dir "
             "(no config.json or adapter.json there)"
         )
-    # Loaded in a thread that ends here, so that the engine's thread is the only one holding a pool of
-    # OpenMP threads: with more OpenMP threads alive than cores, GNU OpenMP (torch's CPU threads) stops
-    # letting idle ones spin and every parallel region waits for a wake-up. Measured: gpt2 at 8 requests
-    # decodes 21% slower after a load on the main thread (2 cores).
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gptforge-load") as pool:
-        model = pool.submit(load).result()
+    model = on_a_thread_that_ends(load)  # the engine's thread then holds the only OpenMP pool
     style_dict = read_metadata(p, "prompt_style.json")
     style = get_prompt_style(style_dict) if style_dict else None
     served = Served(model.eval(), name or p.resolve().name, Tokenizer(), style, created=int(time.time()))
