@@ -72,8 +72,8 @@ def _kernels(cache: bool):
 
         exp as Cephes' expf computes it (x = k ln2 + r, |r| <= ln2/2, a degree-7 polynomial for e^r, 2^k
         put together from its bits in `bits`), written so the loop vectorizes: within 3e-7 (5 ulp) of the
-        exact value where exp(x) is a normal float (x >= -87), a tiny positive value below (< 1.7e-38, against a
-        sum >= 1); NaN stays NaN."""
+        exact value where exp(x) is a normal float (x >= -87), a tiny positive value below (< 1.7e-38,
+        against a sum >= 1); NaN stays NaN."""
         for t in range(n):
             x = scores[t] - top
             x = np.float32(-87.0) if x < np.float32(-87.0) else x

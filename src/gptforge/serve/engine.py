@@ -11,8 +11,9 @@ Exactness: a group's prefill is the right-padded pass `generate` does (the paddi
 so the causal mask keeps it out of every real token); in a decode step each row attends to its own cached
 positions only (the CPU attention kernel reads no key past a row's length; elsewhere those keys are
 masked), at its own absolute positions. Greedy output under load is therefore token for token what
-`generate` gives it alone (up to float rounding, which the tests check does not change a token). Output is cut as
-`generate_text` cuts it: before <|endoftext|> (not included) and exactly where a stop string begins.
+`generate` gives it alone (up to float rounding, which the tests check does not change a token).
+Output is cut as `generate_text` cuts it: before <|endoftext|> (not included) and exactly where a stop
+string begins.
 """
 
 from __future__ import annotations
