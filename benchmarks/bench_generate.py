@@ -14,7 +14,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from common import interleaved, log, median, record
+from common import interleaved, log, median, record, sync
 
 from gptforge.model.config import GPTConfig
 from gptforge.model.generate import decode_step, generate, prefill
@@ -103,20 +103,46 @@ def _seeded_model(preset: str, device: str) -> GPT:
 def _engine_worker(conn, preset: str, device: str, max_batch: int) -> None:
     """The serve engine in a process of its own, as `gptforge serve` runs it: the model made on a thread
     that has ended (see `gptforge.serve.app.load_served`), the engine's thread the only one with OpenMP
-    threads. Each message (prompts, n) runs them to n tokens and answers with their tokens."""
+    threads. A message (prompts, n) runs the prompts to n tokens each and answers with their tokens; a
+    message (form, B, n) times n steps of the weight-matmul floor in that form (`_floor_forms`) in this
+    process and answers with the seconds: the engine stops first (its thread, and that thread's OpenMP
+    pool, end), the floor runs on a thread of its own that ends with it, and a new engine starts."""
     from gptforge.machine import on_a_thread_that_ends
     from gptforge.model.tokenizer import Tokenizer
     from gptforge.serve.engine import Engine, SamplingParams, wait_all
 
+    def run(engine: Engine, prompts: list[list[int]], n: int) -> list[list[int]]:
+        reqs = [engine.submit(p, SamplingParams(max_tokens=n, eos_ids=())) for p in prompts]
+        if not wait_all(reqs, 3600):
+            raise RuntimeError("engine: requests did not finish")
+        return [r.tokens for r in reqs]
+
+    def floor(form: str, B: int, n: int) -> float:
+        fn = _floor_forms(model, B, device)[form]
+        with torch.inference_mode():
+            fn()  # warm-up: this thread's OpenMP pool, oneDNN's primitives
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            sync(device)
+            return time.perf_counter() - t0
+
+    def start() -> Engine:
+        engine = Engine(model, Tokenizer(), max_batch=max_batch, max_queue=0).start()
+        run(engine, [[0]], 1)  # its cache allocated and its OpenMP pool made before anything is timed
+        return engine
+
     model = on_a_thread_that_ends(_seeded_model, preset, device)
-    engine = Engine(model, Tokenizer(), max_batch=max_batch, max_queue=0).start()
+    engine = start()
     try:
         while (msg := conn.recv()) is not None:
-            prompts, n = msg
-            reqs = [engine.submit(p, SamplingParams(max_tokens=n, eos_ids=())) for p in prompts]
-            if not wait_all(reqs, 3600):
-                raise RuntimeError("engine: requests did not finish")
-            conn.send([r.tokens for r in reqs])
+            if len(msg) == 3:
+                engine.stop()
+                seconds = on_a_thread_that_ends(floor, *msg)
+                engine = start()
+                conn.send(seconds)
+            else:
+                conn.send(run(engine, *msg))
     finally:
         engine.stop()
 
@@ -127,7 +153,9 @@ class EngineProcess:
     Not in this process: a thread that has run OpenMP work keeps a pool of OpenMP threads while it lives,
     and with more of them alive than cores GNU OpenMP lets none spin, so every parallel region waits for
     a wake-up (measured: an idle engine thread made generate() 20% slower at batch 8, and this process's
-    pool the engine 21% slower). A server process has one such pool, the engine's."""
+    pool the engine 21% slower). A server process has one such pool, the engine's. Fresh processes run
+    the same GEMMs up to 10% apart on this VM, so the engine's share of the floor is taken against the
+    floor timed in its own process (`floor`)."""
 
     def __init__(self, preset: str, device: str, max_batch: int) -> None:
         import multiprocessing as mp
@@ -139,6 +167,11 @@ class EngineProcess:
 
     def __call__(self, prompts: list[list[int]], n: int) -> list[list[int]]:
         self.conn.send((prompts, n))
+        return self.conn.recv()
+
+    def floor(self, form: str, B: int, n: int) -> float:
+        """Seconds of n steps of the weight-matmul floor in `form`, timed in the engine's process."""
+        self.conn.send((form, B, n))
         return self.conn.recv()
 
     def close(self) -> None:
@@ -258,6 +291,11 @@ def run(
                     kv.k[:, :, :, :length].sum()
                     kv.v[:, :, :, :length].sum()
 
+        engine_floor_s: list[float] = []  # the floor timed in the engine's process, each round
+
+        def engine_floor(n=new_tokens, s=served, form=form, B=B, out=engine_floor_s):
+            out.append(s.floor(form, B, n))
+
         try:
             ours(plist, 4), theirs(prompt, 4), served(plist, 4), floor(4)  # warm-up: same shapes
             outs: dict = {}
@@ -267,6 +305,7 @@ def run(
                     "engine": lambda p=plist, s=served: s(p, new_tokens),
                     "transformers": lambda p=prompt: theirs(p, new_tokens),
                     "floor": floor,
+                    "engine_floor": engine_floor,
                     "kv_read": kv_read,
                     # prefill and first token only: the difference to the full runs is decoding alone
                     "gptforge_first": lambda p=plist: ours(p, 1),
@@ -279,9 +318,15 @@ def run(
             )
         finally:
             served.close()
+        times["engine_floor"] = engine_floor_s  # as timed in the engine's process, not the round trip
         med = {k: median(v) for k, v in times.items()}
-        tps = {k: B * new_tokens / med[k] for k in ("gptforge", "engine", "transformers", "floor")}
+        tps = {
+            k: B * new_tokens / med[k]
+            for k in ("gptforge", "engine", "transformers", "floor", "engine_floor")
+        }
         floor_tps = tps["floor"]
+        # each side against the floor timed in its own process: generate() here, the engine in its child
+        own_floor_tps = {"gptforge": floor_tps, "engine": tps["engine_floor"]}
         # Decoding alone: tokens 2..n, without the prefill (which the floor of a decoding step leaves out).
         decode_tps = {
             k: B * (new_tokens - 1) / max(1e-9, med[k] - med[f"{k}_first"]) for k in ("gptforge", "engine")
@@ -304,19 +349,25 @@ def run(
                 prompt_tokens=prompt_len,
                 engine_tokens_per_s=round(tps["engine"], 2),
                 matmul_floor_tokens_per_s=round(floor_tps, 2),
+                # the same floor timed in the engine's process (its child), in the same rounds
+                engine_matmul_floor_tokens_per_s=round(tps["engine_floor"], 2),
                 matmul_floor_form=form,
                 matmul_floor_alone_tokens_per_s=round(B / floor_s, 2),
                 # gptforge's Linear runs oneDNN on a CPU that has it (else F.linear for one row, w_xt for 2..128)
                 matmul_floor_ms_by_form={k: round(v * 1e3, 3) for k, v in forms.items()},
-                share_of_floor={k: round(v / floor_tps, 3) for k, v in tps.items() if k != "floor"},
-                decode_share_of_floor={k: round(v / floor_tps, 3) for k, v in decode_tps.items()},
+                share_of_floor={k: round(v / floor_tps, 3) for k, v in tps.items() if "floor" not in k},
+                # decoding alone against the floor timed in its own process (generate() here, the engine
+                # in its child); the engine against this process's floor too, as earlier runs reported it
+                decode_share_of_floor={k: round(v / own_floor_tps[k], 3) for k, v in decode_tps.items()},
+                engine_decode_share_of_this_process_floor=round(decode_tps["engine"] / floor_tps, 3),
                 # reading the KV cache once per step on top of the floor: the share no decoder can pass
                 kv_read_ms_per_step=round(med["kv_read"] / (new_tokens - 1) * 1e3, 3),
                 share_bound_with_kv_read=round(med["floor"] / (med["floor"] + med["kv_read"]), 3),
                 # the same against the floor in the GEMM form gptforge's Linear uses at this batch (scaled
                 # by the forms' ratio measured just before the rounds): what is left is not the kernel
                 decode_share_of_own_form_floor={
-                    k: round(v / floor_tps * forms[own_form] / forms[form], 3) for k, v in decode_tps.items()
+                    k: round(v / own_floor_tps[k] * forms[own_form] / forms[form], 3)
+                    for k, v in decode_tps.items()
                 },
                 own_form=own_form,
                 prefill_share={k: round(med[f"{k}_first"] / med[k], 3) for k in ("gptforge", "engine")},
@@ -328,7 +379,8 @@ def run(
             f"generate: {label}: floor {floor_tps:.1f} tok/s ({form}); gptforge {tps['gptforge']:.1f} "
             f"({tps['gptforge'] / floor_tps:.0%}, decoding alone {decode_tps['gptforge'] / floor_tps:.0%}), "
             f"engine {tps['engine']:.1f} ({tps['engine'] / floor_tps:.0%}, decoding alone "
-            f"{decode_tps['engine'] / floor_tps:.0%}), transformers {tps['transformers']:.1f} "
+            f"{decode_tps['engine'] / own_floor_tps['engine']:.0%} of the floor in its process, "
+            f"{tps['engine_floor']:.1f} tok/s), transformers {tps['transformers']:.1f} "
             f"({tps['transformers'] / floor_tps:.0%}); reading the KV cache once a step "
             f"{med['kv_read'] / (new_tokens - 1) * 1e3:.2f} ms (floor + that: "
             f"{med['floor'] / (med['floor'] + med['kv_read']):.0%} of the floor at best); "
