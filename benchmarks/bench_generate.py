@@ -90,6 +90,7 @@ CATEGORIES = {
         "aten::softmax",
     ),
     "copies (cache writes, Linear output layout)": ("aten::copy_", "aten::index_copy_", "aten::index_put_"),
+    # (+ the time in gptforge.model.kernels.add_layer_norm, timed apart)
     "layer norm, gelu, residual adds": ("aten::native_layer_norm", "aten::gelu", "aten::add", "aten::add_"),
     "sampling": ("aten::argmax", "aten::max", "aten::topk", "aten::sort", "aten::multinomial"),
 }
@@ -187,14 +188,19 @@ def decode_breakdown(model: GPT, prompts: list[list[int]], steps: int, floor_s: 
 
     from gptforge.model import kernels
 
-    # the attention kernel (numba) is no aten op: its calls are timed here and counted as attention
-    real_attend, kernel_s = kernels.attend, [0.0]
+    # the decoding kernels (numba) are no aten ops: their calls are timed here, attention's as attention,
+    # the residual add + LayerNorm's with the layer norms
+    real = {"attend": kernels.attend, "add_layer_norm": kernels.add_layer_norm}
+    kernel_s = {name: 0.0 for name in real}
 
-    def timed_attend(*args):
-        t0 = time.perf_counter()
-        out = real_attend(*args)
-        kernel_s[0] += time.perf_counter() - t0
-        return out
+    def timed(name):
+        def call(*args):
+            t0 = time.perf_counter()
+            out = real[name](*args)
+            kernel_s[name] += time.perf_counter() - t0
+            return out
+
+        return call
 
     p = next(model.parameters())
     B = len(prompts)
@@ -205,7 +211,8 @@ def decode_breakdown(model: GPT, prompts: list[list[int]], steps: int, floor_s: 
             decode_step(model, cache, tok)
         cache = KVCache(model.cfg, B, max(map(len, prompts)) + steps + 1, device=p.device, dtype=p.dtype)
         tok = prefill(model, cache, 0, prompts).argmax(-1)
-        kernels.attend = timed_attend
+        for name in real:
+            setattr(kernels, name, timed(name))
         try:
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 t0 = time.perf_counter()
@@ -213,7 +220,8 @@ def decode_breakdown(model: GPT, prompts: list[list[int]], steps: int, floor_s: 
                     tok = decode_step(model, cache, tok).argmax(-1)
                 wall = time.perf_counter() - t0
         finally:
-            kernels.attend = real_attend
+            for name, fn in real.items():
+                setattr(kernels, name, fn)
     self_us: collections.Counter[str] = collections.Counter()
     for e in prof.key_averages():
         self_us[e.key] += e.self_cpu_time_total
@@ -224,9 +232,11 @@ def decode_breakdown(model: GPT, prompts: list[list[int]], steps: int, floor_s: 
         used += us
         per_step[cat] = us / 1e3 / steps
     all_ops = sum(self_us.values())
-    per_step["attention"] += kernel_s[0] * 1e3 / steps
+    per_step["attention"] += kernel_s["attend"] * 1e3 / steps
+    per_step["layer norm, gelu, residual adds"] += kernel_s["add_layer_norm"] * 1e3 / steps
     per_step["other aten ops"] = (all_ops - used) / 1e3 / steps
-    per_step["python and dispatch"] = max(0.0, wall - all_ops / 1e6 - kernel_s[0]) * 1e3 / steps
+    in_kernels = sum(kernel_s.values())
+    per_step["python and dispatch"] = max(0.0, wall - all_ops / 1e6 - in_kernels) * 1e3 / steps
     out = {k: round(v, 3) for k, v in per_step.items()}
     out["total (profiled)"] = round(wall * 1e3 / steps, 3)
     out["weight-matmul floor"] = round(floor_s * 1e3, 3)

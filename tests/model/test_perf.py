@@ -370,9 +370,11 @@ def test_decoding_steps_without_module_calls_equal_the_module_path(rows, ragged,
     torch.testing.assert_close(fast_cache.k, plain_cache.k, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fast_cache.v, plain_cache.v, atol=1e-5, rtol=1e-5)
     assert real_plan(model) is not None
-    handle = model.blocks[1].mlp.fc.register_forward_hook(lambda m, i, o: None)
-    assert real_plan(model) is None
-    handle.remove()
+    for module in (model.blocks[1].mlp.fc, model.blocks[2].ln_2, model.ln_f):
+        handle = module.register_forward_hook(lambda m, i, o: None)
+        assert real_plan(model) is None
+        handle.remove()
+    assert real_plan(model) is not None
     apply_lora(model, LoRAConfig(r=2, alpha=4))
     assert real_plan(model) is None
 
@@ -503,6 +505,41 @@ def test_softmax_weights_exp_is_within_4e_7_of_exp():
     assert (out[:4] > 0).all() and (out[:4] < 1.7e-38).all() and np.isnan(out[4])
 
 
+@pytest.mark.parametrize("width", [768, 40])
+def test_add_layer_norm_is_torchs_add_then_layer_norm(width):
+    """`kernels.add_layer_norm`: the residual stream becomes x + y exactly (torch's float32 add), and the
+    LayerNorm of it is within 1e-6 of the float64 LayerNorm of that sum (so within 2e-6 of F.layer_norm)
+    for rows of one or several, an eps that matters (tiny variance) and a few outlier channels of 1e3 (as
+    GPT-2's residual stream has); rows far from zero with a tiny spread, where float32 cannot hold the
+    deviations, come out no further from the float64 result than F.layer_norm's."""
+    import numpy as np
+
+    from gptforge.model import kernels
+
+    if not kernels.available():
+        pytest.skip("no CPU decoding kernels here (numba missing)")
+    g = torch.Generator().manual_seed(0)
+    cases = [(5, 0.0, 1.0, False), (1, 0.0, 1.0, False), (2, 0.0, 1e-4, False), (3, 0.0, 1.0, True)]
+    cases.append((3, 1e3, 1e-2, False))  # ill-conditioned: compared with F.layer_norm's own error
+    for rows, offset, spread, outliers in cases:
+        x = torch.randn(rows, width, generator=g) * spread + offset
+        if outliers:
+            x[:, :3] = torch.tensor([1500.0, -800.0, 2900.0])
+        y = torch.randn(rows, width, generator=g) * spread
+        weight, bias = torch.randn(width, generator=g), torch.randn(width, generator=g)
+        summed = x + y
+        exact = F.layer_norm(summed.double(), (width,), weight.double(), bias.double(), 1e-5)
+        theirs = F.layer_norm(summed, (width,), weight, bias, 1e-5)
+        out = kernels.add_layer_norm(x, y, (weight.numpy(), bias.numpy(), np.float32(1e-5)))
+        assert torch.equal(x, summed)
+        err = (out.double() - exact).abs().max().item()
+        if offset:
+            assert err <= (theirs.double() - exact).abs().max().item() * 1.1
+        else:
+            assert err < 1e-6 * max(1.0, exact.abs().max().item())
+            torch.testing.assert_close(out, theirs, atol=2e-6, rtol=1e-5)
+
+
 def test_without_the_kernel_decoding_takes_the_module_path(monkeypatch, caplog):
     """Where the kernel cannot be built (say, an llvmlite without an intrinsic it uses), `available()`
     is False with the reason logged once, no decode plan is made, and decoding gives the same tokens on the
@@ -521,7 +558,7 @@ def test_without_the_kernel_decoding_takes_the_module_path(monkeypatch, caplog):
 
     monkeypatch.setattr(kernels, "_build", broken)
     monkeypatch.setattr(kernels, "_available", None)
-    monkeypatch.setattr(kernels, "_attend", None)
+    monkeypatch.setattr(kernels, "_built", None)
     with caplog.at_level(logging.WARNING, logger="gptforge.model.kernels"):
         assert not kernels.available() and not kernels.available()
     assert [r.getMessage() for r in caplog.records] == [
@@ -550,7 +587,7 @@ def test_attend_kernel_compiles_without_a_writable_cache(monkeypatch):
         return real_njit(*args, **kwargs)
 
     monkeypatch.setattr(numba, "njit", no_cache_dir)
-    monkeypatch.setattr(kernels, "_attend", None)
+    monkeypatch.setattr(kernels, "_built", None)
     monkeypatch.setattr(kernels, "_available", None)
     g = torch.Generator().manual_seed(1)
     keys, values = torch.randn(2, 2, 6, 8, generator=g), torch.randn(2, 2, 6, 8, generator=g)

@@ -204,7 +204,7 @@ class KVCache:
         self._flat: torch.Tensor | None = None  # ragged pass: flat (row, head, position) index of new keys
         self._width = 0  # ragged pass: keys read per row (longest row + 1)
         self.key_mask: torch.Tensor | None = None  # ragged pass: additive (B, 1, 1, width) mask
-        self.plan: list | None = None  # GPT.decode_plan, made at the first decoding step after each prefill
+        self.plan: DecodePlan | None = None  # GPT.decode_plan: made at the first step after each prefill
         self._rows = (0, 0)  # rows [start, stop) of the next forward pass
         self._views: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer: those rows' keys, values
         self._arrays: list[tuple[np.ndarray, np.ndarray]] | None = None  # the same as numpy arrays
@@ -384,48 +384,59 @@ class Block(nn.Module):
 
 
 class BlockWeights(NamedTuple):
-    """One block's tensors and sizes as `decode_block` reads them (`GPT.decode_plan`)."""
+    """One block's tensors and sizes as `decode_block` reads them (`GPT.decode_plan`). A LayerNorm is
+    (weight, bias, eps) as numpy arrays (the parameters' memory) and a float32 (`kernels.add_layer_norm`);
+    `norm_out` is the one that follows the block: the next block's first, or the model's final one."""
 
-    ln1_w: torch.Tensor
-    ln1_b: torch.Tensor
-    ln1_eps: float
     qkv_w: torch.Tensor
     qkv_b: torch.Tensor | None
     proj_w: torch.Tensor
     proj_b: torch.Tensor | None
-    ln2_w: torch.Tensor
-    ln2_b: torch.Tensor
-    ln2_eps: float
+    ln2: tuple[np.ndarray, np.ndarray, np.float32]
     fc_w: torch.Tensor
     fc_b: torch.Tensor | None
     out_w: torch.Tensor
     out_b: torch.Tensor | None
+    norm_out: tuple[np.ndarray, np.ndarray, np.float32]
     heads: int
     head_dim: int
     approximate: str
 
 
+class DecodePlan(NamedTuple):
+    """What a CPU decoding step reads (`GPT.decode_plan`): the first block's first LayerNorm (as in
+    `BlockWeights`) and every block's `BlockWeights`."""
+
+    norm_in: tuple[np.ndarray, np.ndarray, np.float32]
+    blocks: list[BlockWeights]
+
+
 def decode_block(
-    x: torch.Tensor, w: BlockWeights, keys: np.ndarray, values: np.ndarray, lengths: np.ndarray
+    x: torch.Tensor,
+    h: torch.Tensor,
+    w: BlockWeights,
+    keys: np.ndarray,
+    values: np.ndarray,
+    lengths: np.ndarray,
 ) -> torch.Tensor:
-    """`Block.forward` for one new token per row in CPU float32 inference: x (B, C), `w` the block's entry
-    of `GPT.decode_plan`, `keys`/`values` the block's cache rows and `lengths` each row's cached positions
-    (`KVCache.decode_views`). The same ops on 2-D rows, oneDNN's GEMM called directly, no module calls;
-    attention, with the cache write, is one kernel (`kernels.attend`). From 2 rows the GELU runs inside
-    the MLP's first GEMM (oneDNN's post-op, within 5e-7 of F.gelu: gpt2 at 8 rows 0.2 ms a step faster;
-    at one row 2-3% slower, so one row keeps F.gelu); oneDNN's residual-add post-op was no faster."""
-    B, C = x.shape
+    """`Block.forward` for one new token per row in CPU float32 inference: x (B, C) the residual stream
+    (updated in place to the block's output), h its first LayerNorm, `w` the block's entry of
+    `GPT.decode_plan`, `keys`/`values` the block's cache rows and `lengths` each row's cached positions
+    (`KVCache.decode_views`); returns `w.norm_out` of the block's output. The same ops on 2-D rows,
+    oneDNN's GEMM called directly, no module calls; attention, with the cache write, is one kernel
+    (`kernels.attend`), and each residual add with the LayerNorm after it another
+    (`kernels.add_layer_norm`). From 2 rows the GELU runs inside the MLP's first GEMM (oneDNN's post-op,
+    within 5e-7 of F.gelu: gpt2 at 8 rows 0.2 ms a step faster; at one row 2-3% slower, so one row keeps
+    F.gelu); oneDNN's residual-add post-op was no faster."""
     pointwise = torch.ops.mkldnn._linear_pointwise
-    h = F.layer_norm(x, (C,), w.ln1_w, w.ln1_b, w.ln1_eps)
     qkv = pointwise(h, w.qkv_w, w.qkv_b, "none", [], "")
     y = kernels.attend(qkv, keys, values, lengths, w.head_dim**-0.5)
-    x = x + pointwise(y, w.proj_w, w.proj_b, "none", [], "")
-    h = F.layer_norm(x, (C,), w.ln2_w, w.ln2_b, w.ln2_eps)
-    if B > 1:
+    h = kernels.add_layer_norm(x, pointwise(y, w.proj_w, w.proj_b, "none", [], ""), w.ln2)
+    if x.shape[0] > 1:
         h = pointwise(h, w.fc_w, w.fc_b, "gelu", [], w.approximate)
     else:
         h = F.gelu(pointwise(h, w.fc_w, w.fc_b, "none", [], ""), approximate=w.approximate)
-    return x + pointwise(h, w.out_w, w.out_b, "none", [], "")
+    return kernels.add_layer_norm(x, pointwise(h, w.out_w, w.out_b, "none", [], ""), w.norm_out)
 
 
 class GPT(nn.Module):
@@ -535,11 +546,12 @@ class GPT(nn.Module):
         causal = k_pos <= q_pos
         return (causal & key_ok) | (k_pos == q_pos)
 
-    def decode_plan(self) -> list[BlockWeights] | None:
+    def decode_plan(self) -> DecodePlan | None:
         """What `decode_block` reads, per block, where decoding steps can take it: oneDNN present, the
-        attention kernel built (`kernels.available`), every block the plain modules in float32 (no LoRA
-        layers, no hooks); else None. Made at the first CPU decoding step after each prefill and kept on
-        its cache (`KVCache.plan`), so the steps after it do not walk the modules again."""
+        decoding kernels built (`kernels.available`), every block and the final LayerNorm the plain
+        modules in float32 (no LoRA layers, no hooks); else None. Made at the first CPU decoding step after
+        each prefill and kept on its cache (`KVCache.plan`), so the steps after it do not walk the modules
+        again."""
         from torch.nn.modules import module as nn_module
 
         if (
@@ -549,40 +561,50 @@ class GPT(nn.Module):
             or nn_module._global_forward_pre_hooks
         ):
             return None
-        plan = []
-        for block in self.blocks:
+
+        def norm(ln: nn.Module) -> tuple[np.ndarray, np.ndarray, np.float32] | None:
+            if (
+                type(ln) is not nn.LayerNorm
+                or ln._forward_hooks
+                or ln._forward_pre_hooks
+                or ln.weight is None
+                or ln.bias is None
+                or ln.weight.device.type != "cpu"
+                or ln.weight.dtype != torch.float32
+                or ln.bias.dtype != torch.float32
+            ):
+                return None
+            return ln.weight.detach().numpy(), ln.bias.detach().numpy(), np.float32(ln.eps)
+
+        norms = [norm(m) for b in self.blocks for m in (b.ln_1, b.ln_2)] + [norm(self.ln_f)]
+        if any(n is None for n in norms):
+            return None
+        blocks = []
+        for i, block in enumerate(self.blocks):
             attn, mlp = block.attn, block.mlp
-            mods = (block, block.ln_1, block.ln_2, attn, mlp, attn.qkv, attn.proj, mlp.fc, mlp.proj)
-            if any(m._forward_hooks or m._forward_pre_hooks for m in mods):
+            mods = (block, attn, mlp, attn.qkv, attn.proj, mlp.fc, mlp.proj)
+            if any(m._forward_hooks or m._forward_pre_hooks for m in mods) or type(block) is not Block:
                 return None
-            linears = mods[5:]
-            if any(type(m) is not Linear or m.weight.dtype != torch.float32 for m in linears):
+            if any(type(m) is not Linear or m.weight.dtype != torch.float32 for m in mods[3:]):
                 return None
-            if any(type(m) is not nn.LayerNorm for m in mods[1:3]) or type(block) is not Block:
-                return None
-            ln1, ln2 = block.ln_1, block.ln_2
-            plan.append(
+            blocks.append(
                 BlockWeights(
-                    ln1.weight,
-                    ln1.bias,
-                    ln1.eps,
                     attn.qkv.weight,
                     attn.qkv.bias,
                     attn.proj.weight,
                     attn.proj.bias,
-                    ln2.weight,
-                    ln2.bias,
-                    ln2.eps,
+                    norms[2 * i + 1],
                     mlp.fc.weight,
                     mlp.fc.bias,
                     mlp.proj.weight,
                     mlp.proj.bias,
+                    norms[2 * i + 2],
                     attn.n_heads,
                     attn.head_dim,
                     mlp.approximate,
                 )  # fmt: skip
             )
-        return plan
+        return DecodePlan(norms[0], blocks)
 
     def hidden_states(
         self,
@@ -683,11 +705,13 @@ class GPT(nn.Module):
         self._check_length(int(lengths.max()) + 1)
         if position_ids is None:
             position_ids = torch.from_numpy(lengths).view(B, 1)
-        x = (self.tok_emb(input_ids) + self.pos_emb(position_ids)).view(B, -1)
-        for w, (keys, values) in zip(cache.plan, views):
-            x = decode_block(x, w, keys, values, lengths)
+        plan = cache.plan
+        x = self.tok_emb(input_ids).view(B, -1)  # gathered rows: a tensor of its own, added to in place
+        h = kernels.add_layer_norm(x, self.pos_emb(position_ids).view(B, -1), plan.norm_in)
+        for w, (keys, values) in zip(plan.blocks, views):
+            h = decode_block(x, h, w, keys, values, lengths)
         cache.advance(1)
-        return self.ln_f(x.view(B, 1, -1))
+        return h.view(B, 1, -1)
 
     def _token_embeddings(self, input_ids: torch.Tensor, only_use: bool) -> torch.Tensor:
         """tok_emb(input_ids); in a CPU training step that uses the weight nowhere else (`only_use`), with

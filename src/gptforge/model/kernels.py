@@ -1,4 +1,5 @@
-"""The CPU decoding step's attention as one compiled kernel (numba), loaded at the first decoding step.
+"""The CPU decoding step's attention, and its residual adds with the LayerNorm after each, as compiled
+kernels (numba), loaded at the first decoding step.
 
 A decoding step's attention reads every row's cached keys and values: at batch 8 that read is most of
 the time a step spends outside its weight matmuls. torch runs it as a batched matrix-vector product, a
@@ -12,6 +13,9 @@ and values it reads PREFETCH_BYTES ahead (each (row, head) is a short stream of 
 hardware prefetcher alone picks up late), its softmax runs a vectorizable exp (`softmax_weights`; a
 scalar libm exp per score cost 0.25 ms a step), and the head width of every GPT-2 size, 64, is compiled
 as a constant (0.2 ms).
+
+`add_layer_norm` adds a sublayer's output to the residual stream and returns the LayerNorm of the sum in
+one call: two per block instead of four torch ops (add, layer_norm), 0.3 ms a step less at gpt2, 8 rows.
 """
 
 from __future__ import annotations
@@ -29,15 +33,16 @@ log = logging.getLogger(__name__)
 # a 64-wide head; 4-8 KB measured alike, 12 KB slower, on the 2-core EPYC)
 PREFETCH_BYTES = 6144
 
-_attend = None  # (numba, the kernel), built at the first `available()`
+_built = None  # (numba, the attention kernel, the add + LayerNorm kernel): the first `available()`
 _prefetch = softmax_weights = _head = None  # the kernel's parts (`_kernels`)
 _build_lock = threading.Lock()
 _available: bool | None = None
 
 
 def _kernels(cache: bool):
-    """The attention kernel, compiled (or loaded from numba's on-disk cache) at its first call; its parts
-    become module globals (`softmax_weights` among them)."""
+    """The attention kernel and the add + LayerNorm kernel, compiled (or loaded from numba's on-disk
+    cache) at their first call; the attention kernel's parts become module globals (`softmax_weights`
+    among them)."""
     import numba
     from llvmlite import ir
     from numba.core import cgutils, types
@@ -155,11 +160,32 @@ def _kernels(cache: bool):
             else:
                 _head(q, k, v, n + 1, scale, o, dim, scores[job], bits[job], acc[job])
 
-    return attend_kernel
+    @numba.njit(**jit)
+    def add_norm_kernel(x, y, weight, bias, eps, out):
+        """x += y; out = LayerNorm(x), row by row: mean and variance summed in float64 over two passes (a
+        float32 sum loses the mean of GPT-2's residual stream, whose few outlier channels run to 1e3)."""
+        rows, width = x.shape
+        for r in range(rows):
+            total = 0.0
+            for i in range(width):
+                s = x[r, i] + y[r, i]
+                x[r, i] = s
+                total += np.float64(s)
+            mean = total / width
+            var = 0.0
+            for i in range(width):
+                d = np.float64(x[r, i]) - mean
+                var += d * d
+            m = np.float32(mean)
+            inv = np.float32(1.0 / np.sqrt(var / width + np.float64(eps)))
+            for i in range(width):
+                out[r, i] = (x[r, i] - m) * inv * weight[i] + bias[i]
+
+    return attend_kernel, add_norm_kernel
 
 
 def _build():
-    """numba and the attention kernel, compiled (or loaded from numba's on-disk cache) by a first call on
+    """numba and the two kernels, compiled (or loaded from numba's on-disk cache) by a first call on
     tiny arrays of the types a decoding step passes; without a writable numba cache dir, compiled for
     this process."""
     import numba
@@ -171,24 +197,25 @@ def _build():
         # symbol scope: the kernel runs on torch's OpenMP threads (a step keeps 2 threads busy, not 3).
         numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
     try:
-        kernel = _kernels(cache=True)
+        kernel, add_norm = _kernels(cache=True)
     except RuntimeError:  # numba raises where it finds no writable cache dir
-        kernel = _kernels(cache=False)
+        kernel, add_norm = _kernels(cache=False)
     keys = np.zeros((1, 1, 2, 64), np.float32)
-    kernel(np.zeros((1, 192), np.float32), keys, keys.copy(), np.zeros(1, np.int64), np.float32(1.0),
-           np.zeros((1, 64), np.float32))  # fmt: skip
-    return numba, kernel
+    row = np.zeros((1, 64), np.float32)
+    kernel(np.zeros((1, 192), np.float32), keys, keys.copy(), np.zeros(1, np.int64), np.float32(1.0), row)
+    add_norm(row, row.copy(), row[0].copy(), row[0].copy(), np.float32(1e-5), row.copy())
+    return numba, kernel, add_norm
 
 
 def available() -> bool:
-    """Whether the kernel is here: numba imports and the kernel builds (at the first call; else decoding
-    steps take the module path, and the reason is logged once)."""
-    global _available, _attend
+    """Whether the kernels are here: numba imports and they build (at the first call; else decoding steps
+    take the module path, and the reason is logged once)."""
+    global _available, _built
     if _available is None:
         with _build_lock:
             if _available is None:
                 try:
-                    _attend = _build()
+                    _built = _build()
                     _available = True
                 except ImportError:
                     _available = False
@@ -211,9 +238,22 @@ def attend(
     """
     if not available():
         raise RuntimeError("the CPU attention kernel is not available here (see kernels.available)")
-    numba, kernel = _attend
+    numba, kernel, _ = _built
     # the kernel's threads: torch's count (a user's torch.set_num_threads holds for it too)
     numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     out = torch.empty(qkv.shape[0], qkv.shape[1] // 3)
     kernel(qkv.numpy(), keys, values, lengths, np.float32(scale), out.numpy())
+    return out
+
+
+def add_layer_norm(
+    x: torch.Tensor, y: torch.Tensor, norm: tuple[np.ndarray, np.ndarray, np.float32]
+) -> torch.Tensor:
+    """A decoding step's residual add and the LayerNorm after it, on a CPU, float32: adds y (B, C) to the
+    residual stream x (B, C, contiguous) in place and returns LayerNorm(x) with `norm` = (weight, bias,
+    eps) as numpy arrays and a float32 (within 1e-6 of F.layer_norm; the sum is torch's add exactly)."""
+    if not available():
+        raise RuntimeError("the CPU decoding kernels are not available here (see kernels.available)")
+    out = torch.empty_like(x)
+    _built[2](x.numpy(), y.numpy(), *norm, out.numpy())
     return out
