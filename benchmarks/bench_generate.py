@@ -107,7 +107,8 @@ def _engine_worker(conn, preset: str, device: str, max_batch: int) -> None:
     threads. A message (prompts, n) runs the prompts to n tokens each and answers with their tokens; a
     message (form, B, n) times n steps of the weight-matmul floor in that form (`_floor_forms`) in this
     process and answers with the seconds: the engine stops first (its thread, and that thread's OpenMP
-    pool, end), the floor runs on a thread of its own that ends with it, and a new engine starts."""
+    pool, end), the floor runs on a thread of its own that ends with it, and a new engine starts, its
+    cache grown to the longest rows a run has needed."""
     from gptforge.machine import on_a_thread_that_ends
     from gptforge.model.tokenizer import Tokenizer
     from gptforge.serve.engine import Engine, SamplingParams, wait_all
@@ -128,22 +129,26 @@ def _engine_worker(conn, preset: str, device: str, max_batch: int) -> None:
             sync(device)
             return time.perf_counter() - t0
 
-    def start() -> Engine:
+    def start(need: int) -> Engine:
         engine = Engine(model, Tokenizer(), max_batch=max_batch, max_queue=0).start()
-        run(engine, [[0]], 1)  # its cache allocated and its OpenMP pool made before anything is timed
+        # its OpenMP pool made, and its cache as long as the longest run so far needs, before any timing
+        run(engine, [[0] * (need - 1)], 1)
         return engine
 
     model = on_a_thread_that_ends(_seeded_model, preset, device)
-    engine = start()
+    need = 1  # the longest row a run has needed (prompt + new tokens)
+    engine = start(need)
     try:
         while (msg := conn.recv()) is not None:
             if len(msg) == 3:
                 engine.stop()
                 seconds = on_a_thread_that_ends(floor, *msg)
-                engine = start()
+                engine = start(need)
                 conn.send(seconds)
             else:
-                conn.send(run(engine, *msg))
+                prompts, n = msg
+                need = max(need, n + max(map(len, prompts)))
+                conn.send(run(engine, prompts, n))
     finally:
         engine.stop()
 
@@ -307,7 +312,8 @@ def run(
             out.append(s.floor(form, B, n))
 
         try:
-            ours(plist, 4), theirs(prompt, 4), served(plist, 4), floor(4)  # warm-up: same shapes
+            # warm-up: same shapes (the engine's cache grows to the run's rows once, here)
+            ours(plist, 4), theirs(prompt, 4), served(plist, new_tokens), floor(4)
             outs: dict = {}
             times = interleaved(
                 {

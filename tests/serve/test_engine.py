@@ -122,6 +122,38 @@ def test_rows_refilled_and_reused_equal_each_alone(tiny_lm, monkeypatch):
     assert engine.load["running"] == 0
 
 
+def test_the_cache_grows_when_a_longer_request_joins_and_outputs_equal_each_alone(tiny_lm):
+    """The engine's cache is made at the first request, as long as the longest request needs (rounded up
+    to CACHE_STEP), and grows when a request that needs longer rows joins: here while another is halfway,
+    whose keys move into the larger cache. Every output equals the request alone; the rows never pass
+    the context window (96 here)."""
+    import gptforge.serve.engine as engine_module
+
+    ids = [TOK.encode(p) for p in (PROMPTS[0], PROMPTS[1], PROMPTS[6])]
+    lengths = [40, 8, 50]  # the first two fit 64 positions; the third (37-token prompt) needs 87
+    alone = [generate(tiny_lm, [p], max_new_tokens=n, eos_token_id=None)[0] for p, n in zip(ids, lengths)]
+    engine = Engine(tiny_lm, TOK, max_batch=2, max_queue=4)
+    sizes = []
+    real = engine_module.Engine._make_room
+
+    def make_room(self, need):
+        real(self, need)
+        sizes.append((need, self._cache.max_len, [r.generated for r in self._active]))
+
+    engine._make_room = make_room.__get__(engine)
+    reqs = [engine.submit(p, SamplingParams(max_tokens=n, eos_ids=())) for p, n in zip(ids, lengths)]
+    engine.start()
+    try:
+        assert wait_all(reqs, 60)
+    finally:
+        engine.stop()
+    assert [r.tokens for r in reqs] == alone
+    assert engine_module.CACHE_STEP == 64 and sizes[0][:2] == (len(ids[0]) + 40, 64)
+    grown = [s for s in sizes if s[1] == 96]
+    assert grown and grown[0][0] == len(ids[2]) + 50 and 0 < grown[0][2][0] < 40  # the first was halfway
+    assert max(s[1] for s in sizes) == 96
+
+
 def test_stop_strings_and_eos_cut_as_generate_text(tiny_lm):
     engine = Engine(tiny_lm, TOK, max_batch=4).start()
     try:

@@ -193,13 +193,8 @@ class KVCache:
     ) -> None:
         shape = (cfg.n_layers, batch_size, cfg.n_heads, max_len, cfg.head_dim)
         # zeros, not empty: a masked key still has its value multiplied by weight 0, and 0 * NaN is NaN
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.max_len = max_len
+        self._store(*(torch.zeros(shape, device=device, dtype=dtype) for _ in "kv"))
         self.lengths = [0] * batch_size  # positions filled, per row
-        self._flat_views = [
-            (k.view(-1, cfg.head_dim), v.view(-1, cfg.head_dim)) for k, v in zip(self.k, self.v)
-        ]
         self._past = 0  # aligned pass: the selected rows' common length
         self._flat: torch.Tensor | None = None  # ragged pass: flat (row, head, position) index of new keys
         self._width = 0  # ragged pass: keys read per row (longest row + 1)
@@ -209,6 +204,24 @@ class KVCache:
         self._views: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer: those rows' keys, values
         self._arrays: list[tuple[np.ndarray, np.ndarray]] | None = None  # the same as numpy arrays
         self.use()
+
+    def _store(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Hold k, v (layers, rows, heads, max_len, head_dim) as the keys and values."""
+        self.k, self.v, self.max_len = k, v, k.shape[3]
+        self._flat_views = [(k.view(-1, k.shape[-1]), v.view(-1, v.shape[-1])) for k, v in zip(k, v)]
+
+    def grow(self, max_len: int) -> None:
+        """Room for `max_len` positions per row (no change if there is already): every row's keys and
+        values so far move into new zeroed tensors; lengths and the selected rows stay."""
+        if max_len <= self.max_len:
+            return
+        shape = (*self.k.shape[:3], max_len, self.k.shape[4])
+        k, v = self.k.new_zeros(shape), self.v.new_zeros(shape)
+        k[:, :, :, : self.max_len] = self.k
+        v[:, :, :, : self.max_len] = self.v
+        self._store(k, v)
+        rows, self._rows = self._rows, (0, 0)
+        self.use(*rows)  # views of the new tensors
 
     def use(self, start: int = 0, stop: int | None = None) -> KVCache:
         """Select rows [start, stop) as the batch of the next forward pass (all rows by default)."""
