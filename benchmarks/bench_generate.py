@@ -136,7 +136,7 @@ def _engine_worker(conn, preset: str, device: str, max_batch: int) -> None:
         return engine
 
     model = on_a_thread_that_ends(_seeded_model, preset, device)
-    need = 1  # the longest row a run has needed (prompt + new tokens)
+    need = 2  # the longest row a run has needed (prompt + new tokens; at first one token and one more)
     engine = start(need)
     try:
         while (msg := conn.recv()) is not None:
