@@ -370,7 +370,7 @@ def test_decoding_steps_without_module_calls_equal_the_module_path(rows, ragged,
     torch.testing.assert_close(fast_cache.k, plain_cache.k, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fast_cache.v, plain_cache.v, atol=1e-5, rtol=1e-5)
     assert real_plan(model) is not None
-    for module in (model.blocks[1].mlp.fc, model.blocks[2].ln_2, model.ln_f):
+    for module in (model.blocks[1].mlp.fc, model.blocks[2].ln_2, model.ln_f, model.tok_emb):
         handle = module.register_forward_hook(lambda m, i, o: None)
         assert real_plan(model) is None
         handle.remove()

@@ -561,8 +561,8 @@ class GPT(nn.Module):
 
     def decode_plan(self) -> DecodePlan | None:
         """What `decode_block` reads, per block, where decoding steps can take it: oneDNN present, the
-        decoding kernels built (`kernels.available`), every block and the final LayerNorm the plain
-        modules in float32 (no LoRA layers, no hooks); else None. Made at the first CPU decoding step after
+        decoding kernels built (`kernels.available`), the token embedding, every block and the final
+        LayerNorm the plain modules in float32 (no LoRA layers, no hooks); else None. Made at the first CPU decoding step after
         each prefill and kept on its cache (`KVCache.plan`), so the steps after it do not walk the modules
         again."""
         from torch.nn.modules import module as nn_module
@@ -589,6 +589,9 @@ class GPT(nn.Module):
                 return None
             return ln.weight.detach().numpy(), ln.bias.detach().numpy(), np.float32(ln.eps)
 
+        emb = self.tok_emb  # its output becomes the residual stream, which the step adds to in place
+        if type(emb) is not nn.Embedding or emb._forward_hooks or emb._forward_pre_hooks:
+            return None
         norms = [norm(m) for b in self.blocks for m in (b.ln_1, b.ln_2)] + [norm(self.ln_f)]
         if any(n is None for n in norms):
             return None
