@@ -80,10 +80,13 @@ def test_requests_arriving_together_are_prefilled_in_shared_passes(tiny_lm, monk
         assert len(g) * max(n) <= engine_module.PREFILL_PADDING * sum(n)
 
 
-def _through_three_rows(model, ids: list[list[int]], lengths: list[int]):
-    """Each prompt alone through generate(), then all of them through an engine with three rows."""
+def _through_rows(model, ids: list[list[int]], lengths: list[int], rows: int = 3, setup=None):
+    """Each prompt alone through generate(), then all of them through an engine with `rows` rows
+    (`setup(engine)` first, when given)."""
     alone = [generate(model, [p], max_new_tokens=n, eos_token_id=None)[0] for p, n in zip(ids, lengths)]
-    engine = Engine(model, TOK, max_batch=3, max_queue=8)
+    engine = Engine(model, TOK, max_batch=rows, max_queue=8)
+    if setup is not None:
+        setup(engine)
     reqs = [engine.submit(p, SamplingParams(max_tokens=n, eos_ids=())) for p, n in zip(ids, lengths)]
     engine.start()
     try:
@@ -97,7 +100,7 @@ def test_requests_joining_a_running_batch_equal_each_alone(tiny_lm):
     """Seven requests, three slots: each waiting one joins the running batch when a slot frees up."""
     ids = [TOK.encode(p) for p in PROMPTS[:7]]
     lengths = [10, 25, 40, 12, 30, 8, 20]
-    engine, reqs, alone = _through_three_rows(tiny_lm, ids, lengths)
+    engine, reqs, alone = _through_rows(tiny_lm, ids, lengths)
     assert [r.tokens for r in reqs] == alone
     assert engine.max_rows_seen == 3
     assert engine.steps < sum(lengths) / 2
@@ -116,7 +119,7 @@ def test_rows_refilled_and_reused_equal_each_alone(tiny_lm, monkeypatch):
     )
     ids = [TOK.encode(p) for p in (PROMPTS[6], PROMPTS[0], PROMPTS[2], PROMPTS[13], PROMPTS[4], PROMPTS[1])]
     lengths = [40, 3, 30, 5, 12, 20]  # the short ones leave first, from rows 1 and then 0
-    engine, reqs, alone = _through_three_rows(tiny_lm, ids, lengths)
+    engine, reqs, alone = _through_rows(tiny_lm, ids, lengths)
     assert [r.tokens for r in reqs] == alone
     assert any(src != dst for src, dst in moves)  # a running request really moved to another row
     assert engine.load["running"] == 0
@@ -131,8 +134,6 @@ def test_the_cache_grows_when_a_longer_request_joins_and_outputs_equal_each_alon
 
     ids = [TOK.encode(p) for p in (PROMPTS[0], PROMPTS[1], PROMPTS[6])]
     lengths = [40, 8, 50]  # the first two fit 64 positions; the third (37-token prompt) needs 87
-    alone = [generate(tiny_lm, [p], max_new_tokens=n, eos_token_id=None)[0] for p, n in zip(ids, lengths)]
-    engine = Engine(tiny_lm, TOK, max_batch=2, max_queue=4)
     sizes = []
     real = engine_module.Engine._make_room
 
@@ -140,13 +141,10 @@ def test_the_cache_grows_when_a_longer_request_joins_and_outputs_equal_each_alon
         real(self, need)
         sizes.append((need, self._cache.max_len, [r.generated for r in self._active]))
 
-    engine._make_room = make_room.__get__(engine)
-    reqs = [engine.submit(p, SamplingParams(max_tokens=n, eos_ids=())) for p, n in zip(ids, lengths)]
-    engine.start()
-    try:
-        assert wait_all(reqs, 60)
-    finally:
-        engine.stop()
+    def setup(engine):
+        engine._make_room = make_room.__get__(engine)
+
+    engine, reqs, alone = _through_rows(tiny_lm, ids, lengths, rows=2, setup=setup)
     assert [r.tokens for r in reqs] == alone
     assert engine_module.CACHE_STEP == 64 and sizes[0][:2] == (len(ids[0]) + 40, 64)
     grown = [s for s in sizes if s[1] == 96]
