@@ -261,8 +261,8 @@ class Engine:
                         for req in joining:
                             req.slot = len(self._active)
                             self._active.append(req)
-                        need = max(len(r.prompt_ids) + r.params.max_tokens for r in self._active)
-                    self._make_room(need)
+                    if joining:  # the running requests already fit the cache
+                        self._make_room(max(len(r.prompt_ids) + r.params.max_tokens for r in joining))
                     self._prefill(prefill_groups(joining))
                     self._step()
         except Exception as e:  # a model failure must not leave clients waiting forever
