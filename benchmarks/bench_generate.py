@@ -101,6 +101,13 @@ def _seeded_model(preset: str, device: str) -> GPT:
     return GPT(GPTConfig.from_preset(preset)).to(device).eval()
 
 
+def _floor_steps(fn, n: int) -> None:
+    """n decoding steps' weight matmuls, one form of them (`_floor_forms`)."""
+    with torch.inference_mode():
+        for _ in range(n):
+            fn()
+
+
 def _engine_worker(conn, preset: str, device: str, max_batch: int) -> None:
     """The serve engine in a process of its own, as `gptforge serve` runs it: the model made on a thread
     that has ended (see `gptforge.serve.app.load_served`), the engine's thread the only one with OpenMP
@@ -121,13 +128,11 @@ def _engine_worker(conn, preset: str, device: str, max_batch: int) -> None:
 
     def floor(form: str, B: int, n: int) -> float:
         fn = _floor_forms(model, B, device)[form]
-        with torch.inference_mode():
-            fn()  # warm-up: this thread's OpenMP pool, oneDNN's primitives
-            t0 = time.perf_counter()
-            for _ in range(n):
-                fn()
-            sync(device)
-            return time.perf_counter() - t0
+        _floor_steps(fn, 1)  # warm-up: this thread's OpenMP pool, oneDNN's primitives
+        t0 = time.perf_counter()
+        _floor_steps(fn, n)
+        sync(device)
+        return time.perf_counter() - t0
 
     def start(need: int) -> Engine:
         engine = Engine(model, Tokenizer(), max_batch=max_batch, max_queue=0).start()
@@ -160,7 +165,7 @@ class EngineProcess:
     and with more of them alive than cores GNU OpenMP lets none spin, so every parallel region waits for
     a wake-up (measured: an idle engine thread made generate() 20% slower at batch 8, and this process's
     pool the engine 21% slower). A server process has one such pool, the engine's. Fresh processes run
-    the same GEMMs up to 10% apart on this VM, so the engine's share of the floor is taken against the
+    the same GEMMs up to 12% apart on this VM, so the engine's share of the floor is taken against the
     floor timed in its own process (`floor`)."""
 
     def __init__(self, preset: str, device: str, max_batch: int) -> None:
@@ -290,9 +295,7 @@ def run(
         served = EngineProcess(preset, device, B)
 
         def floor(n=new_tokens, fn=floor_fn):
-            with torch.inference_mode():
-                for _ in range(n):
-                    fn()
+            _floor_steps(fn, n)
 
         # What attention cannot go below: each decoding step reads every row's cached keys and values once
         # (no arithmetic, just a sum over them), at the lengths the steps of this run have.

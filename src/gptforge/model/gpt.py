@@ -562,9 +562,9 @@ class GPT(nn.Module):
     def decode_plan(self) -> DecodePlan | None:
         """What `decode_block` reads, per block, where decoding steps can take it: oneDNN present, the
         decoding kernels built (`kernels.available`), the token embedding, every block and the final
-        LayerNorm the plain modules in float32 (no LoRA layers, no hooks); else None. Made at the first CPU decoding step after
-        each prefill and kept on its cache (`KVCache.plan`), so the steps after it do not walk the modules
-        again."""
+        LayerNorm the plain modules in float32 (no LoRA layers, no hooks); else None. Made at the first
+        CPU decoding step after each prefill and kept on its cache (`KVCache.plan`), so the steps after it
+        do not walk the modules again."""
         from torch.nn.modules import module as nn_module
 
         if (
