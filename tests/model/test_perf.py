@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -538,6 +540,27 @@ def test_add_layer_norm_is_torchs_add_then_layer_norm(width):
         else:
             assert err < 1e-6 * max(1.0, exact.abs().max().item())
             torch.testing.assert_close(out, theirs, atol=2e-6, rtol=1e-5)
+
+
+def test_building_the_kernels_keeps_torchs_thread_count():
+    """numba's OpenMP threads start by setting the OpenMP thread count, which torch shares: a process run
+    with OMP_NUM_THREADS=1 must still train on one thread after its first decoding step (and the kernels
+    run on one too), or its sums, and so its weights, change."""
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np, torch, numba\n"
+        "from gptforge.model import kernels\n"
+        "assert torch.get_num_threads() == 1 and kernels.available()\n"
+        "keys = np.zeros((1, 1, 4, 8), np.float32)\n"
+        "kernels.attend(torch.randn(1, 24), keys, keys.copy(), np.zeros(1, np.int64), 1.0)\n"
+        "print(torch.get_num_threads(), numba.get_num_threads())\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["1", "1"]
 
 
 def test_without_the_kernel_decoding_takes_the_module_path(monkeypatch, caplog):

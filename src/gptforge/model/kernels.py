@@ -215,6 +215,10 @@ def available() -> bool:
     if _available is None:
         with _build_lock:
             if _available is None:
+                # numba's OpenMP layer starts its threads by setting the OpenMP thread count, which is
+                # torch's too (one libgomp): without this a process run with OMP_NUM_THREADS=1 would train
+                # on 2 threads after its first decoding step (different sums, so different weights)
+                threads = torch.get_num_threads()
                 try:
                     _built = _build()
                     _available = True
@@ -224,6 +228,8 @@ def available() -> bool:
                     log.warning("CPU attention kernel unavailable, decoding takes the module path: %s: %s",
                                 type(e).__name__, e)  # fmt: skip
                     _available = False
+                finally:
+                    torch.set_num_threads(threads)
     return _available
 
 
