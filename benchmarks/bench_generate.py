@@ -25,8 +25,12 @@ from gptforge.model.hf import to_hf
 def _floor_forms(model: GPT, B: int, device: str) -> dict:
     """The weight matmuls of one decoding step (every block's four Linear layers and the LM head, batch
     B, one token per row) in every form of the same float32 product at hand: F.linear(x, W) (BLAS sgemm),
-    (W @ x.T).T, x @ W.T with W.T copied contiguous beforehand (a second copy of every weight), and on a
-    CPU with oneDNN its GEMM (`torch.ops.mkldnn._linear_pointwise`, what gptforge's Linear runs there)."""
+    (W @ x.T).T, x @ W.T with W.T copied contiguous beforehand (a second copy of every weight), on a CPU
+    with oneDNN its GEMM (`torch.ops.mkldnn._linear_pointwise`, what gptforge's Linear runs there beyond
+    a few rows), and for up to `kernels.FEW_ROWS` rows gptforge's own few-row kernel (`kernels.linear`,
+    what its decoding steps run there)."""
+    from gptforge.model import kernels
+
     mods = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     xs = {m.in_features: torch.randn(B, m.in_features, device=device) for m in mods}
     weights = [m.weight.detach() for m in mods]
@@ -52,6 +56,13 @@ def _floor_forms(model: GPT, B: int, device: str) -> dict:
                 torch.ops.mkldnn._linear_pointwise(xs[w.shape[1]], w, None, "none", [], "")
 
         forms["onednn"] = onednn
+    if device == "cpu" and B <= kernels.FEW_ROWS and kernels.available():
+
+        def few_rows():
+            for w in weights:
+                kernels.linear(xs[w.shape[1]], w, None)
+
+        forms["few_rows"] = few_rows
     return forms
 
 
@@ -76,7 +87,7 @@ CATEGORIES = {
         "aten::matmul",
         "aten::linear",
         "mkldnn::_linear_pointwise",
-    ),
+    ),  # (+ the time in gptforge.model.kernels.linear, the few-row products, timed apart)
     # (+ the time in gptforge.model.kernels.attend, the CPU decoding step's attention, timed apart)
     "attention": (
         "aten::_scaled_dot_product_flash_attention_for_cpu",
@@ -199,8 +210,8 @@ def decode_breakdown(model: GPT, prompts: list[list[int]], steps: int, floor_s: 
     from gptforge.model import kernels
 
     # the decoding kernels (numba) are no aten ops: their calls are timed here, attention's as attention,
-    # the residual add + LayerNorm's with the layer norms
-    real = {"attend": kernels.attend, "add_layer_norm": kernels.add_layer_norm}
+    # the few-row products' with the weight matmuls, the residual add + LayerNorm's with the layer norms
+    real = {"attend": kernels.attend, "linear": kernels.linear, "add_layer_norm": kernels.add_layer_norm}
     kernel_s = {name: 0.0 for name in real}
 
     def timed(name):
@@ -243,6 +254,7 @@ def decode_breakdown(model: GPT, prompts: list[list[int]], steps: int, floor_s: 
         per_step[cat] = us / 1e3 / steps
     all_ops = sum(self_us.values())
     per_step["attention"] += kernel_s["attend"] * 1e3 / steps
+    per_step["weight matmuls"] += kernel_s["linear"] * 1e3 / steps
     per_step["layer norm, gelu, residual adds"] += kernel_s["add_layer_norm"] * 1e3 / steps
     per_step["other aten ops"] = (all_ops - used) / 1e3 / steps
     in_kernels = sum(kernel_s.values())
@@ -288,8 +300,9 @@ def run(
         label = f"{preset} batch {B}, {new_tokens} new tokens"
         log(f"generate: {label} ...")
         floor_s, form, forms = matmul_floor_seconds(model, B, device)
-        # the form gptforge.model.gpt.Linear runs here
-        own_form = "onednn" if "onednn" in forms else "linear" if B == 1 or device != "cpu" else "w_xt"
+        # the form gptforge's decoding steps run here (`kernels.linear` up to FEW_ROWS rows, then `Linear`)
+        own_form = "few_rows" if "few_rows" in forms else "onednn" if "onednn" in forms else None
+        own_form = own_form or ("linear" if B == 1 or device != "cpu" else "w_xt")
         floor_fn = _floor_forms(model, B, device)[form]
 
         served = EngineProcess(preset, device, B)
@@ -372,7 +385,8 @@ def run(
                 engine_matmul_floor_tokens_per_s=round(tps["engine_floor"], 2),
                 matmul_floor_form=form,
                 matmul_floor_alone_tokens_per_s=round(B / floor_s, 2),
-                # gptforge's Linear runs oneDNN on a CPU that has it (else F.linear for one row, w_xt for 2..128)
+                # gptforge's decoding runs few_rows up to kernels.FEW_ROWS rows, beyond that oneDNN on a CPU
+                # that has it (else F.linear for one row, w_xt for 2..128)
                 matmul_floor_ms_by_form={k: round(v * 1e3, 3) for k, v in forms.items()},
                 share_of_floor={k: round(v / floor_tps, 3) for k, v in tps.items() if "floor" not in k},
                 # decoding alone against the floor timed in its own process (generate() here, the engine

@@ -153,12 +153,14 @@ def _ops(fn) -> set[str]:
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(1, 1), (8, 1), (2, 3), (128, 1), (4, 32)])
 def test_few_row_inference_linear_equals_f_linear(bias, shape, monkeypatch):
-    """Without oneDNN, (W @ x.T).T for 2..SKINNY_ROWS rows in CPU inference: F.linear's values (fp32
-    rounding)."""
+    """Without oneDNN (and without the decoding kernels), (W @ x.T).T for 2..SKINNY_ROWS rows in CPU
+    inference: F.linear's values (fp32 rounding)."""
     import gptforge.model.gpt as gpt_module
+    from gptforge.model import kernels
     from gptforge.model.gpt import SKINNY_ROWS, Linear
 
     monkeypatch.setattr(gpt_module, "ONEDNN_LINEAR", False)
+    monkeypatch.setattr(kernels, "_available", False)
 
     lin = Linear(48, 96, bias=bias)
     x = torch.randn(*shape, 48)
@@ -242,35 +244,39 @@ def test_lm_loss_per_token_scores_only_target_positions_and_equals_the_plain_for
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_cpu_inference_linear_runs_onednn_with_f_linear_values(bias, monkeypatch):
-    """CPU float32 inference runs every Linear through oneDNN (`ONEDNN_LINEAR`), for one row, a few and
-    many, with F.linear's values; with oneDNN off the model's logits are the same within float32 rounding."""
+def test_cpu_inference_linear_runs_few_row_kernel_or_onednn_with_f_linear_values(bias, monkeypatch):
+    """CPU float32 inference runs every Linear through `kernels.linear` up to `kernels.FEW_ROWS` rows and
+    through oneDNN (`ONEDNN_LINEAR`) beyond, with F.linear's values; with oneDNN off the model's logits are
+    the same within float32 rounding."""
     import gptforge.model.gpt as gpt_module
+    from gptforge.model import kernels
     from gptforge.model.gpt import Linear
 
-    if not gpt_module.ONEDNN_LINEAR:
-        pytest.skip("this torch has no oneDNN linear kernel")
-    calls = []
-    real = torch.ops.mkldnn._linear_pointwise
+    if not gpt_module.ONEDNN_LINEAR or not kernels.available():
+        pytest.skip("this torch has no oneDNN linear kernel, or numba is missing")
+    calls, few = [], []
+    real, real_few = torch.ops.mkldnn._linear_pointwise, kernels.linear
     monkeypatch.setattr(
         torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(a[0].shape) or real(*a)
     )
+    monkeypatch.setattr(kernels, "linear", lambda *a: few.append(a[0].shape) or real_few(*a))
     model = GPT(GPTConfig(vocab_size=64, context_length=16, emb_dim=48, n_heads=2, n_layers=1, qkv_bias=bias))
     lin = model.blocks[0].attn.qkv
-    for shape in [(1, 1), (3,), (2, 9), (4, 50)]:
+    for shape in [(1, 1), (3,), (2, 4), (3, 3), (2, 9), (4, 50)]:
         x = torch.randn(*shape, lin.in_features)
         with torch.no_grad():
             out = lin(x)
         torch.testing.assert_close(out, F.linear(x, lin.weight, lin.bias), atol=1e-5, rtol=1e-5)
         assert out.shape == (*shape, lin.out_features)
-    assert calls == [(1, 48), (3, 48), (18, 48), (200, 48)]
+    assert few == [(1, 48), (3, 48), (8, 48)] and calls == [(9, 48), (18, 48), (200, 48)]
+    calls.clear()
     ids = torch.randint(0, 64, (2, 7))
     with torch.no_grad():
         on = model(ids)
         n = len(calls)
         monkeypatch.setattr(gpt_module, "ONEDNN_LINEAR", False)
         off = model(ids)
-    assert n == 4 + 4 * 1 + 1 and len(calls) == n  # every Linear and the LM head, then none
+    assert n == 4 * 1 + 1 and len(calls) == n  # every Linear and the LM head, then none
     torch.testing.assert_close(on, off, atol=1e-5, rtol=1e-5)
     assert isinstance(model.lm_head, Linear)
 
@@ -542,6 +548,31 @@ def test_add_layer_norm_is_torchs_add_then_layer_norm(width):
             torch.testing.assert_close(out, theirs, atol=2e-6, rtol=1e-5)
 
 
+def test_few_row_linear_kernel_values_and_rows_independent_of_their_neighbours():
+    """`kernels.linear`: within float32 rounding of the float64 product (with and without a bias), for
+    output counts that are and are not multiples of its 4-output blocks and input widths of any length; and
+    every row's result is bit for bit the same computed alone, among 1..FEW_ROWS rows, or at another place
+    in the batch (a request's greedy tokens cannot depend on who else is decoding)."""
+    from gptforge.model import kernels
+
+    if not kernels.available():
+        pytest.skip("no CPU decoding kernels here (numba missing)")
+    g = torch.Generator().manual_seed(0)
+    for out_f, in_f in [(1, 5), (7, 33), (96, 48), (2305, 768), (64, 3072)]:
+        w = torch.randn(out_f, in_f, generator=g)
+        b = torch.randn(out_f, generator=g)
+        x = torch.randn(kernels.FEW_ROWS, in_f, generator=g)
+        for bias in (b, None):
+            got = kernels.linear(x, w, bias)
+            exact = F.linear(x.double(), w.double(), None if bias is None else bias.double())
+            scale = x.double().abs() @ w.double().abs().t() + (0 if bias is None else bias.double().abs())
+            assert ((got.double() - exact).abs() / scale).max() < 1e-6
+            alone = torch.cat([kernels.linear(x[r : r + 1], w, bias) for r in range(len(x))])
+            assert torch.equal(got, alone)
+            for n in range(2, kernels.FEW_ROWS):
+                assert torch.equal(kernels.linear(x[:n].flip(0).contiguous(), w, bias), got[:n].flip(0))
+
+
 def test_building_the_kernels_keeps_torchs_thread_count():
     """numba's OpenMP threads start by setting the OpenMP thread count, which torch shares: a process run
     with OMP_NUM_THREADS=1 must still train on one thread after its first decoding step (and the kernels
@@ -585,7 +616,7 @@ def test_without_the_kernel_decoding_takes_the_module_path(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="gptforge.model.kernels"):
         assert not kernels.available() and not kernels.available()
     assert [r.getMessage() for r in caplog.records] == [
-        "CPU attention kernel unavailable, decoding takes the module path: ValueError: no intrinsic "
+        "CPU decoding kernels unavailable, decoding takes the module path: ValueError: no intrinsic "
         "llvm.prefetch here"
     ]
     assert model.decode_plan() is None

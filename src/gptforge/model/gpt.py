@@ -138,7 +138,8 @@ class Linear(nn.Linear):
     """nn.Linear with a faster kernel on CPU; same parameters, same math.
 
     On a CPU with oneDNN (`ONEDNN_LINEAR`), float32 runs through oneDNN's GEMM: inference directly,
-    training through `OneDNNLinear` (forward and backward). Autocast, other devices, torch.compile (which
+    training through `OneDNNLinear` (forward and backward). Float32 inference of up to `kernels.FEW_ROWS`
+    rows (a decoding step's LM head) takes `kernels.linear` where the kernels are built. Autocast, other devices, torch.compile (which
     picks its own kernels) and sharded (DTensor) weights take F.linear. Without oneDNN, CPU inference of
     up to SKINNY_ROWS rows takes the (W @ x.T).T form of the same product.
     """
@@ -161,6 +162,15 @@ class Linear(nn.Linear):
                 )
             return F.linear(x, self.weight, self.bias)
         rows = x.numel() // max(1, x.shape[-1])
+        if (
+            rows <= kernels.FEW_ROWS
+            and x.dtype == self.weight.dtype == torch.float32
+            and type(self.weight.data) is torch.Tensor  # not a DTensor
+            and kernels.available()
+        ):
+            x2 = x.reshape(rows, self.in_features).contiguous()
+            out = kernels.linear(x2, *_detached(self))
+            return out.reshape(*x.shape[:-1], self.out_features)
         if ONEDNN_LINEAR and x.dtype == self.weight.dtype == torch.float32:
             x2 = x.reshape(rows, self.in_features).contiguous()
             out = torch.ops.mkldnn._linear_pointwise(x2, self.weight, self.bias, "none", [], "")
@@ -436,20 +446,30 @@ def decode_block(
     (updated in place to the block's output), h its first LayerNorm, `w` the block's entry of
     `GPT.decode_plan`, `keys`/`values` the block's cache rows and `lengths` each row's cached positions
     (`KVCache.decode_views`); returns `w.norm_out` of the block's output. The same ops on 2-D rows,
-    oneDNN's GEMM called directly, no module calls; attention, with the cache write, is one kernel
-    (`kernels.attend`), and each residual add with the LayerNorm after it another
-    (`kernels.add_layer_norm`). From 2 rows the GELU runs inside the MLP's first GEMM (oneDNN's post-op,
-    within 5e-7 of F.gelu: gpt2 at 8 rows 0.2 ms a step faster; at one row 2-3% slower, so one row keeps
-    F.gelu); oneDNN's residual-add post-op was no faster."""
-    pointwise = torch.ops.mkldnn._linear_pointwise
-    qkv = pointwise(h, w.qkv_w, w.qkv_b, "none", [], "")
+    the weight products called directly (`_dense`), no module calls; attention, with the cache write, is
+    one kernel (`kernels.attend`), and each residual add with the LayerNorm after it another
+    (`kernels.add_layer_norm`); oneDNN's residual-add post-op was no faster."""
+    qkv = _dense(h, w.qkv_w, w.qkv_b)
     y = kernels.attend(qkv, keys, values, lengths, w.head_dim**-0.5)
-    h = kernels.add_layer_norm(x, pointwise(y, w.proj_w, w.proj_b, "none", [], ""), w.ln2)
-    if x.shape[0] > 1:
-        h = pointwise(h, w.fc_w, w.fc_b, "gelu", [], w.approximate)
-    else:
-        h = F.gelu(pointwise(h, w.fc_w, w.fc_b, "none", [], ""), approximate=w.approximate)
-    return kernels.add_layer_norm(x, pointwise(h, w.out_w, w.out_b, "none", [], ""), w.norm_out)
+    h = kernels.add_layer_norm(x, _dense(y, w.proj_w, w.proj_b), w.ln2)
+    h = _dense(h, w.fc_w, w.fc_b, gelu=w.approximate)
+    return kernels.add_layer_norm(x, _dense(h, w.out_w, w.out_b), w.norm_out)
+
+
+def _dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: str | None = None):
+    """A decoding step's x W^T + b (then GELU with that `approximate`, if given), x (rows, in) float32 on a
+    CPU: up to `kernels.FEW_ROWS` rows through `kernels.linear`, more through oneDNN's GEMM with the GELU
+    as its post-op (measured at gpt2, 8 rows: 0.2 ms a step faster than F.gelu after it)."""
+    if x.shape[0] <= kernels.FEW_ROWS:
+        y = kernels.linear(x, weight, bias)
+        return y if gelu is None else F.gelu(y, approximate=gelu)
+    post = "none" if gelu is None else "gelu"
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, post, [], gelu or "")
+
+
+def _detached(linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A Linear's weight and bias without autograd (the decoding kernels read them as numpy arrays)."""
+    return linear.weight.detach(), None if linear.bias is None else linear.bias.detach()
 
 
 class GPT(nn.Module):
@@ -605,15 +625,11 @@ class GPT(nn.Module):
                 return None
             blocks.append(
                 BlockWeights(
-                    attn.qkv.weight,
-                    attn.qkv.bias,
-                    attn.proj.weight,
-                    attn.proj.bias,
+                    *_detached(attn.qkv),
+                    *_detached(attn.proj),
                     norms[2 * i + 1],
-                    mlp.fc.weight,
-                    mlp.fc.bias,
-                    mlp.proj.weight,
-                    mlp.proj.bias,
+                    *_detached(mlp.fc),
+                    *_detached(mlp.proj),
                     norms[2 * i + 2],
                     attn.n_heads,
                     attn.head_dim,
