@@ -332,16 +332,16 @@ def run(
             ours(plist, 4), theirs(prompt, 4), served(plist, new_tokens), floor(4)
             outs: dict = {}
             times = interleaved(
-                {
+                {  # each side's runs next to its floor (see decode_share below)
                     "gptforge": lambda p=plist: ours(p, new_tokens),
-                    "engine": lambda p=plist, s=served: s(p, new_tokens),
-                    "transformers": lambda p=prompt: theirs(p, new_tokens),
-                    "floor": floor,
-                    "engine_floor": engine_floor,
-                    "kv_read": kv_read,
                     # prefill and first token only: the difference to the full runs is decoding alone
                     "gptforge_first": lambda p=plist: ours(p, 1),
+                    "floor": floor,
+                    "engine_floor": engine_floor,
                     "engine_first": lambda p=plist, s=served: s(p, 1),
+                    "engine": lambda p=plist, s=served: s(p, new_tokens),
+                    "transformers": lambda p=prompt: theirs(p, new_tokens),
+                    "kv_read": kv_read,
                 },
                 reps=reps[B],
                 warmup=0,
@@ -357,11 +357,21 @@ def run(
             for k in ("gptforge", "engine", "transformers", "floor", "engine_floor")
         }
         floor_tps = tps["floor"]
-        # each side against the floor timed in its own process: generate() here, the engine in its child
-        own_floor_tps = {"gptforge": floor_tps, "engine": tps["engine_floor"]}
         # Decoding alone: tokens 2..n, without the prefill (which the floor of a decoding step leaves out).
         decode_tps = {
             k: B * (new_tokens - 1) / max(1e-9, med[k] - med[f"{k}_first"]) for k in ("gptforge", "engine")
+        }
+        # Decoding's share of the floor round by round, the median of those ratios: this host's memory
+        # bandwidth drifts by 10% and more over seconds to minutes (other guests), so a side and its floor
+        # are compared as timed next to each other, not as medians of runs minutes apart.
+        decode_share = {
+            k: median(
+                [
+                    (fl / new_tokens) / max(1e-9, (run - first) / (new_tokens - 1))
+                    for run, first, fl in zip(times[k], times[f"{k}_first"], times[floor_key])
+                ]
+            )
+            for k, floor_key in (("gptforge", "floor"), ("engine", "engine_floor"))
         }
         breakdown = decode_breakdown(model, plist, new_tokens - 1, med["floor"] / new_tokens)
         target = {1: 2.0, 8: 1.3}.get(B) if preset == "gpt2" else None
@@ -391,7 +401,7 @@ def run(
                 share_of_floor={k: round(v / floor_tps, 3) for k, v in tps.items() if "floor" not in k},
                 # decoding alone against the floor timed in its own process (generate() here, the engine
                 # in its child); the engine against this process's floor too, as earlier runs reported it
-                decode_share_of_floor={k: round(v / own_floor_tps[k], 3) for k, v in decode_tps.items()},
+                decode_share_of_floor={k: round(v, 3) for k, v in decode_share.items()},
                 engine_decode_share_of_this_process_floor=round(decode_tps["engine"] / floor_tps, 3),
                 # reading the KV cache once per step on top of the floor: the share no decoder can pass
                 kv_read_ms_per_step=round(med["kv_read"] / (new_tokens - 1) * 1e3, 3),
@@ -399,8 +409,7 @@ def run(
                 # the same against the floor in the GEMM form gptforge's Linear uses at this batch (scaled
                 # by the forms' ratio measured just before the rounds): what is left is not the kernel
                 decode_share_of_own_form_floor={
-                    k: round(v / own_floor_tps[k] * forms[own_form] / forms[form], 3)
-                    for k, v in decode_tps.items()
+                    k: round(v * forms[own_form] / forms[form], 3) for k, v in decode_share.items()
                 },
                 own_form=own_form,
                 prefill_share={k: round(med[f"{k}_first"] / med[k], 3) for k in ("gptforge", "engine")},
@@ -410,9 +419,9 @@ def run(
         )
         log(
             f"generate: {label}: floor {floor_tps:.1f} tok/s ({form}); gptforge {tps['gptforge']:.1f} "
-            f"({tps['gptforge'] / floor_tps:.0%}, decoding alone {decode_tps['gptforge'] / floor_tps:.0%}), "
+            f"({tps['gptforge'] / floor_tps:.0%}, decoding alone {decode_share['gptforge']:.0%}), "
             f"engine {tps['engine']:.1f} ({tps['engine'] / floor_tps:.0%}, decoding alone "
-            f"{decode_tps['engine'] / own_floor_tps['engine']:.0%} of the floor in its process, "
+            f"{decode_share['engine']:.0%} of the floor in its process, "
             f"{tps['engine_floor']:.1f} tok/s), transformers {tps['transformers']:.1f} "
             f"({tps['transformers'] / floor_tps:.0%}); reading the KV cache once a step "
             f"{med['kv_read'] / (new_tokens - 1) * 1e3:.2f} ms (floor + that: "

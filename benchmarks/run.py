@@ -464,7 +464,8 @@ def _details(r: dict) -> list[str]:
                     f"{_pct(r.get('prefill_share', {}).get('engine'))} of the run) generate "
                     f"{_pct(dec.get('gptforge'))} and engine {_pct(dec.get('engine'))} of the floor "
                     f"(goal {_pct(r.get('floor_target'))}: {ok.get('gptforge')} / {ok.get('engine')}); each "
-                    f"against the floor timed in its own process: the engine's child ran it at "
+                    f"against the floor timed in its own process, next to it in each round (the median of the "
+                    f"rounds' ratios): the engine's child ran it at "
                     f"{_fmt(r.get('engine_matmul_floor_tokens_per_s'))} tokens/s (against this process's floor the "
                     f"engine's decoding is {_pct(r.get('engine_decode_share_of_this_process_floor'))})"
                 )

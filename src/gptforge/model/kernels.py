@@ -1,5 +1,5 @@
-"""The CPU decoding step's attention, and its residual adds with the LayerNorm after each, as compiled
-kernels (numba), loaded at the first decoding step.
+"""The CPU decoding step's attention, its residual adds with the LayerNorm after each, and its weight
+products for a few rows, as compiled kernels (numba), loaded at the first decoding step.
 
 A decoding step's attention reads every row's cached keys and values: at batch 8 that read is most of
 the time a step spends outside its weight matmuls. torch runs it as a batched matrix-vector product, a
@@ -17,6 +17,11 @@ as a constant (0.2 ms).
 `add_layer_norm` adds a sublayer's output to the residual stream and returns the LayerNorm of the sum in
 one call: two per block instead of four torch ops (add, layer_norm), 0.45 ms a step less at gpt2, 8 rows
 (0.3 at one row).
+
+`linear` is a decoding step's weight products for up to FEW_ROWS rows: each block of four weight rows is
+read from memory once and every row of x passes over it from L1, while the next blocks load. oneDNN's
+GEMM (what gptforge's Linear runs beyond that) takes 1.1x to 1.3x its time there; at one row the kernel
+streams the weights at up to 68 GB/s, about what this host's memory gives one process.
 """
 
 from __future__ import annotations
@@ -34,10 +39,12 @@ log = logging.getLogger(__name__)
 # a 64-wide head; 4-8 KB measured alike, 12 KB slower, on the 2-core EPYC)
 PREFETCH_BYTES = 6144
 
-# the most rows `linear` is for: gpt2's decoding-step weight products, all of them, ms (its kernel vs
-# oneDNN's GEMM, the 2-core EPYC): 9.2 vs 13.3 at 1 row, 12.7 vs 19.7 at 2, 15.3 vs 17.0 at 4, 17.4 vs
-# 21.5 at 8, 24.2 vs 22.4 at 16
-FEW_ROWS = 8
+# the most rows `linear` is for: gpt2's decoding-step weight products, all of them, ms, its kernel vs
+# oneDNN's GEMM in one process (the 2-core EPYC; fresh processes run both up to 30% faster or slower):
+# 11.2 vs 14.5 at 1 row, 13.5 vs 17.3 at 2, 14.5 vs 17.7 at 4, 16.2 vs 19.4 at 8, 17.7 vs 21.1 at 12,
+# 21.5 vs 22.4 at 16, then oneDNN: 27.7 vs 26.3 at 24, 33.9 vs 30.5 at 32
+FEW_ROWS = 16
+LINEAR_AHEAD = 2  # how many blocks of four weight rows ahead `linear` loads from 2 rows (1 and 4 alike)
 
 _built = None  # (numba, the attention, add + LayerNorm and few-row linear kernels): the first `available()`
 _prefetch = softmax_weights = _head = _dot = None  # the kernels' parts (`_kernels`)
@@ -203,10 +210,22 @@ def _kernels(cache: bool):
         rows, width = x.shape
         n = weight.shape[0]
         blocks = n // 4
+        flat = weight.reshape(-1)
+        lines = (4 * width + 15) // 16  # 64-byte lines in a block of four weight rows
+        per_row = (lines + rows - 1) // rows
         for jb in numba.prange(blocks):
             j = np.uintp(jb * 4)  # unsigned: no negative-index wraparound code in the loops below
             w0, w1, w2, w3 = weight[j], weight[j + 1], weight[j + 2], weight[j + 3]
+            # From 2 rows, the passes over this block's weights (from L1) alternate with loading the
+            # block LINEAR_AHEAD blocks on, a share of its lines before each pass: the loads overlap the
+            # arithmetic (gpt2, 8 rows: 14.2 against 16.9 ms a step). One row streams without it (the
+            # hardware prefetcher keeps up: 7.3 ms without, 8.5 with).
+            ahead = (jb + LINEAR_AHEAD) * 4 * width
+            prefetch = rows > 1 and jb + LINEAR_AHEAD < blocks
             for r in range(rows):
+                if prefetch:
+                    for line in range(r * per_row, min(lines, (r + 1) * per_row)):
+                        _prefetch(flat, ahead + line * 16)
                 xr = x[r]
                 s0 = np.float32(0.0)
                 s1 = np.float32(0.0)
