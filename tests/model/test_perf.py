@@ -572,6 +572,9 @@ def test_few_row_linear_kernel_values_and_rows_independent_of_their_neighbours()
             assert torch.equal(got, alone)
             for n in range(2, kernels.FEW_ROWS):
                 assert torch.equal(kernels.linear(x[:n].flip(0).contiguous(), w, bias), got[:n].flip(0))
+        assert kernels.linear(x[:0], w, b).shape == (0, out_f)
+        with pytest.raises(ValueError, match="bias of shape"):
+            kernels.linear(x, w, b[:-1])
 
 
 def test_building_the_kernels_keeps_torchs_thread_count():

@@ -138,10 +138,11 @@ class Linear(nn.Linear):
     """nn.Linear with a faster kernel on CPU; same parameters, same math.
 
     On a CPU with oneDNN (`ONEDNN_LINEAR`), float32 runs through oneDNN's GEMM: inference directly,
-    training through `OneDNNLinear` (forward and backward). Float32 inference of up to `kernels.FEW_ROWS`
-    rows (a decoding step's LM head) takes `kernels.linear` where the kernels are built. Autocast, other devices, torch.compile (which
-    picks its own kernels) and sharded (DTensor) weights take F.linear. Without oneDNN, CPU inference of
-    up to SKINNY_ROWS rows takes the (W @ x.T).T form of the same product.
+    training through `OneDNNLinear` (forward and backward). Float32 inference of 1 to `kernels.FEW_ROWS`
+    rows (a decoding step's LM head) takes `kernels.linear` where the kernels are built. Autocast, other
+    devices, torch.compile (which picks its own kernels) and sharded (DTensor) weights take F.linear.
+    Without oneDNN, CPU inference of up to SKINNY_ROWS rows takes the (W @ x.T).T form of the same
+    product.
     """
 
     def forward(self, x: torch.Tensor, contiguous: bool = True) -> torch.Tensor:
@@ -163,7 +164,7 @@ class Linear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         rows = x.numel() // max(1, x.shape[-1])
         if (
-            rows <= kernels.FEW_ROWS
+            0 < rows <= kernels.FEW_ROWS
             and x.dtype == self.weight.dtype == torch.float32
             and type(self.weight.data) is torch.Tensor  # not a DTensor
             and kernels.available()

@@ -212,7 +212,7 @@ def _kernels(cache: bool):
         blocks = n // 4
         flat = weight.reshape(-1)
         lines = (4 * width + 15) // 16  # 64-byte lines in a block of four weight rows
-        per_row = (lines + rows - 1) // rows
+        per_row = (lines + rows - 1) // max(rows, 1)
         for jb in numba.prange(blocks):
             j = np.uintp(jb * 4)  # unsigned: no negative-index wraparound code in the loops below
             w0, w1, w2, w3 = weight[j], weight[j + 1], weight[j + 2], weight[j + 3]
@@ -349,6 +349,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     whatever rows are beside it."""
     if not available():
         raise RuntimeError("the CPU decoding kernels are not available here (see kernels.available)")
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(f"bias of shape {tuple(bias.shape)} for a weight of {weight.shape[0]} outputs")
     _set_threads()
     out = torch.empty(x.shape[0], weight.shape[0])
     b = _NO_BIAS if bias is None else bias.numpy()
