@@ -167,6 +167,9 @@ class Linear(nn.Linear):
             0 < rows <= kernels.FEW_ROWS
             and x.dtype == self.weight.dtype == torch.float32
             and type(self.weight.data) is torch.Tensor  # not a DTensor
+            # the kernel reads the weight as a numpy array, which leaves its storage unresizable for good;
+            # FSDP frees unsharded parameters by resizing theirs
+            and not (torch.distributed.is_available() and torch.distributed.is_initialized())
             and kernels.available()
         ):
             x2 = x.reshape(rows, self.in_features).contiguous()
