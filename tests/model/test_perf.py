@@ -559,7 +559,7 @@ def test_few_row_linear_kernel_values_and_rows_independent_of_their_neighbours()
     if not kernels.available():
         pytest.skip("no CPU decoding kernels here (numba missing)")
     g = torch.Generator().manual_seed(0)
-    for out_f, in_f in [(1, 5), (7, 33), (96, 48), (2305, 768), (64, 3072)]:
+    for out_f, in_f in [(1, 5), (7, 33), (96, 48), (2305, 768), (64, 3072), (5, 1000)]:
         w = torch.randn(out_f, in_f, generator=g)
         b = torch.randn(out_f, generator=g)
         x = torch.randn(kernels.FEW_ROWS, in_f, generator=g)

@@ -20,7 +20,7 @@ one call: two per block instead of four torch ops (add, layer_norm), 0.45 ms a s
 
 `linear` is a decoding step's weight products for up to FEW_ROWS rows: each block of four weight rows is
 read from memory once and every row of x passes over it from L1, while the next blocks load. oneDNN's
-GEMM (what gptforge's Linear runs beyond that) takes 1.1x to 1.3x its time there; at one row the kernel
+GEMM (what gptforge's Linear runs beyond that) takes 1.2x to 1.4x its time there; at one row the kernel
 streams the weights at up to 68 GB/s, about what this host's memory gives one process.
 """
 
@@ -41,10 +41,14 @@ PREFETCH_BYTES = 6144
 
 # the most rows `linear` is for: gpt2's decoding-step weight products, all of them, ms, its kernel vs
 # oneDNN's GEMM in one process (the 2-core EPYC; fresh processes run both up to 30% faster or slower):
-# 11.2 vs 14.5 at 1 row, 13.5 vs 17.3 at 2, 14.5 vs 17.7 at 4, 16.2 vs 19.4 at 8, 17.7 vs 21.1 at 12,
-# 21.5 vs 22.4 at 16, then oneDNN: 27.7 vs 26.3 at 24, 33.9 vs 30.5 at 32
+# 9.0 vs 12.8 at 1 row, 12.9 vs 16.9 at 2, 14.5 vs 17.0 at 4, 15.2 vs 19.0 at 8, 16.8 vs 21.1 at 12,
+# 19.3 vs 22.7 at 16, 24.6 vs 26.4 at 24, 30.3 vs 31.4 at 32 (not measured beyond). 16 covers the serve
+# engine's batches (8 by default); past it the margin shrinks (7% at 24, 4% at 32).
 FEW_ROWS = 16
 LINEAR_AHEAD = 2  # how many blocks of four weight rows ahead `linear` loads from 2 rows (1 and 4 alike)
+# how many inputs `linear` sums at a time: gpt2's 3072-wide MLP output products at 8 rows 2.9 ms a step
+# in slices of 768 against 3.8 whole (16 rows: 3.9 against 6.1; 512 and 1024 measured alike or slower)
+LINEAR_CHUNK = 768
 
 _built = None  # (numba, the attention, add + LayerNorm and few-row linear kernels): the first `available()`
 _prefetch = softmax_weights = _head = _dot = None  # the kernels' parts (`_kernels`)
@@ -204,43 +208,56 @@ def _kernels(cache: bool):
     @numba.njit(parallel=True, **jit)
     def linear_kernel(x, weight, bias, out):
         """out = x weight^T (+ bias where it has out's width): x (rows, in), weight (out, in), both
-        C-contiguous. Four outputs at a time: their weight rows are read from memory once and stay in L1
-        while every row of x passes over them. Each out[r, j] is the same loop whatever the row count,
-        so a row's result does not depend on the rows beside it."""
+        C-contiguous. Four outputs at a time, over LINEAR_CHUNK inputs at a time: that slice of their
+        weight rows is read from memory once and stays in L1 while every row of x passes over it (and so
+        does x's slice: a 3072-wide x of 8 rows is 96 KB, twice L1). Each out[r, j] is the same sums in the
+        same order whatever the row count, so a row's result does not depend on the rows beside it."""
         rows, width = x.shape
         n = weight.shape[0]
         blocks = n // 4
         flat = weight.reshape(-1)
         lines = (4 * width + 15) // 16  # 64-byte lines in a block of four weight rows
-        per_row = (lines + rows - 1) // max(rows, 1)
+        chunks = (width + LINEAR_CHUNK - 1) // LINEAR_CHUNK
+        per_pass = (lines + rows * chunks - 1) // max(rows * chunks, 1)
         for jb in numba.prange(blocks):
             j = np.uintp(jb * 4)  # unsigned: no negative-index wraparound code in the loops below
-            w0, w1, w2, w3 = weight[j], weight[j + 1], weight[j + 2], weight[j + 3]
             # From 2 rows, the passes over this block's weights (from L1) alternate with loading the
             # block LINEAR_AHEAD blocks on, a share of its lines before each pass: the loads overlap the
             # arithmetic (gpt2, 8 rows: 14.2 against 16.9 ms a step). One row streams without it (the
             # hardware prefetcher keeps up: 7.3 ms without, 8.5 with).
             ahead = (jb + LINEAR_AHEAD) * 4 * width
             prefetch = rows > 1 and jb + LINEAR_AHEAD < blocks
-            for r in range(rows):
-                if prefetch:
-                    for line in range(r * per_row, min(lines, (r + 1) * per_row)):
-                        _prefetch(flat, ahead + line * 16)
-                xr = x[r]
-                s0 = np.float32(0.0)
-                s1 = np.float32(0.0)
-                s2 = np.float32(0.0)
-                s3 = np.float32(0.0)
-                for k in range(width):
-                    v = xr[k]
-                    s0 += v * w0[k]
-                    s1 += v * w1[k]
-                    s2 += v * w2[k]
-                    s3 += v * w3[k]
-                out[r, j] = s0
-                out[r, j + 1] = s1
-                out[r, j + 2] = s2
-                out[r, j + 3] = s3
+            for c in range(chunks):
+                start = np.uintp(c * LINEAR_CHUNK)
+                stop = min(np.uintp(width), start + LINEAR_CHUNK)
+                w0, w1 = weight[j, start:stop], weight[j + 1, start:stop]
+                w2, w3 = weight[j + 2, start:stop], weight[j + 3, start:stop]
+                for r in range(rows):
+                    if prefetch:
+                        p = c * rows + r
+                        for line in range(p * per_pass, min(lines, (p + 1) * per_pass)):
+                            _prefetch(flat, ahead + line * 16)
+                    xr = x[r, start:stop]
+                    s0 = np.float32(0.0)
+                    s1 = np.float32(0.0)
+                    s2 = np.float32(0.0)
+                    s3 = np.float32(0.0)
+                    for k in range(stop - start):
+                        v = xr[k]
+                        s0 += v * w0[k]
+                        s1 += v * w1[k]
+                        s2 += v * w2[k]
+                        s3 += v * w3[k]
+                    if c == 0:
+                        out[r, j] = s0
+                        out[r, j + 1] = s1
+                        out[r, j + 2] = s2
+                        out[r, j + 3] = s3
+                    else:
+                        out[r, j] += s0
+                        out[r, j + 1] += s1
+                        out[r, j + 2] += s2
+                        out[r, j + 3] += s3
         for j in range(blocks * 4, n):
             for r in range(rows):
                 out[r, j] = _dot(x[r], weight[j], width)
