@@ -301,8 +301,8 @@ def run(
         log(f"generate: {label} ...")
         floor_s, form, forms = matmul_floor_seconds(model, B, device)
         # the form gptforge's decoding steps run here (`kernels.linear` up to FEW_ROWS rows, then `Linear`)
-        own_form = "few_rows" if "few_rows" in forms else "onednn" if "onednn" in forms else None
-        own_form = own_form or ("linear" if B == 1 or device != "cpu" else "w_xt")
+        fallback = "linear" if B == 1 or device != "cpu" else "w_xt"
+        own_form = next((f for f in ("few_rows", "onednn") if f in forms), fallback)
         floor_fn = _floor_forms(model, B, device)[form]
 
         served = EngineProcess(preset, device, B)

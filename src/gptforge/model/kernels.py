@@ -57,9 +57,8 @@ _available: bool | None = None
 
 
 def _kernels(cache: bool):
-    """The attention kernel and the add + LayerNorm kernel, compiled (or loaded from numba's on-disk
-    cache) at their first call; the attention kernel's parts become module globals (`softmax_weights`
-    among them)."""
+    """The attention, add + LayerNorm and few-row linear kernels, compiled (or loaded from numba's on-disk
+    cache) at their first call; their parts become module globals (`softmax_weights` among them)."""
     import numba
     from llvmlite import ir
     from numba.core import cgutils, types
@@ -270,7 +269,7 @@ def _kernels(cache: bool):
 
 
 def _build():
-    """numba and the two kernels, compiled (or loaded from numba's on-disk cache) by a first call on
+    """numba and the three kernels, compiled (or loaded from numba's on-disk cache) by a first call on
     tiny arrays of the types a decoding step passes; without a writable numba cache dir, compiled for
     this process."""
     import numba
@@ -328,18 +327,21 @@ def attend(
     each row's cached positions before this token. Writes the new key and value at position
     `lengths[b]` of row b and returns softmax(q k^T * scale) v over positions 0..lengths[b], (B, C).
     """
-    if not available():
-        raise RuntimeError("the CPU attention kernel is not available here (see kernels.available)")
-    _set_threads()
+    _, kernel, _, _ = _ready(parallel=True)
     out = torch.empty(qkv.shape[0], qkv.shape[1] // 3)
-    _built[1](qkv.numpy(), keys, values, lengths, np.float32(scale), out.numpy())
+    kernel(qkv.numpy(), keys, values, lengths, np.float32(scale), out.numpy())
     return out
 
 
-def _set_threads() -> None:
-    """The parallel kernels' threads: torch's count (a user's torch.set_num_threads holds for them too)."""
-    numba = _built[0]
-    numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+def _ready(parallel: bool) -> tuple:
+    """`_built`, or RuntimeError where the kernels are not available; for a `parallel` kernel, numba's
+    thread count set to torch's first (a user's torch.set_num_threads holds for the kernels too)."""
+    if not available():
+        raise RuntimeError("the CPU decoding kernels are not available here (see kernels.available)")
+    if parallel:
+        numba = _built[0]
+        numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    return _built
 
 
 def add_layer_norm(
@@ -350,10 +352,9 @@ def add_layer_norm(
     eps) as numpy arrays and a float32. The sum is torch's add exactly; the LayerNorm is within 1e-6 of
     the float64 one of that sum (rows far from zero with a tiny spread: no further from it than
     F.layer_norm)."""
-    if not available():
-        raise RuntimeError("the CPU decoding kernels are not available here (see kernels.available)")
+    _, _, kernel, _ = _ready(parallel=False)
     out = torch.empty_like(x)
-    _built[2](x.numpy(), y.numpy(), *norm, out.numpy())
+    kernel(x.numpy(), y.numpy(), *norm, out.numpy())
     return out
 
 
@@ -364,12 +365,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     """x weight^T + bias for a few rows (up to FEW_ROWS) on a CPU, float32, no autograd: x (rows, in) and
     weight (out, in) C-contiguous. Within float32 rounding of F.linear; each row's result is the same
     whatever rows are beside it."""
-    if not available():
-        raise RuntimeError("the CPU decoding kernels are not available here (see kernels.available)")
     if bias is not None and bias.shape != weight.shape[:1]:
         raise ValueError(f"bias of shape {tuple(bias.shape)} for a weight of {weight.shape[0]} outputs")
-    _set_threads()
+    _, _, _, kernel = _ready(parallel=True)
     out = torch.empty(x.shape[0], weight.shape[0])
     b = _NO_BIAS if bias is None else bias.numpy()
-    _built[3](x.numpy(), weight.numpy(), b, out.numpy())
+    kernel(x.numpy(), weight.numpy(), b, out.numpy())
     return out
